@@ -1,0 +1,69 @@
+"""pyshrinker: caches that use memory greedily and give it back before the OOM killer comes.
+
+The 2013 Linux "mempressure" shrinker proposal, both halves, in user space: a client that
+reports reclaimable chunks and frees what it is asked, and a controller that watches the
+kernel's real signals and decides how much to ask of whom.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+from pyshrinker.abi import Level
+from pyshrinker.cache import CacheStats, ChunkCache
+from pyshrinker.client import (
+    LevelSubscription,
+    Shrinker,
+    ShrinkerStats,
+    settle,
+    subscribe_levels,
+)
+from pyshrinker.controller import (
+    Controller,
+    ControllerConfig,
+    ShrinkerInfo,
+    ShrinkRequest,
+    default_controller,
+    parse_size,
+)
+from pyshrinker.errors import (
+    AbiError,
+    CgroupError,
+    CgroupNotFound,
+    CgroupPermissionError,
+    ClosedError,
+    MalformedFile,
+    PyshrinkerError,
+    UnsupportedError,
+)
+from pyshrinker.transport import EmbeddedTransport, Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbiError",
+    "CacheStats",
+    "CgroupError",
+    "CgroupNotFound",
+    "CgroupPermissionError",
+    "ChunkCache",
+    "ClosedError",
+    "Controller",
+    "ControllerConfig",
+    "EmbeddedTransport",
+    "Level",
+    "LevelSubscription",
+    "MalformedFile",
+    "PyshrinkerError",
+    "ShrinkRequest",
+    "Shrinker",
+    "ShrinkerInfo",
+    "ShrinkerStats",
+    "Transport",
+    "UnsupportedError",
+    "__version__",
+    "default_controller",
+    "parse_size",
+    "settle",
+    "subscribe_levels",
+]

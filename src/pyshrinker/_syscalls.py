@@ -1,0 +1,97 @@
+"""Thin Python face of the compiled ``_native`` module.
+
+The one place where C results become Python values and :class:`OSError`. ``EINTR`` is
+retried here and nowhere else. Public modules import these functions, never ``ffi``/``lib``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+
+from pyshrinker._native import ffi, lib
+
+#: The largest value an eventfd counter can hold (the kernel refuses 2**64 - 1).
+EVENTFD_MAX = 2**64 - 2
+
+
+class EventfdFlag(enum.IntFlag):
+    """Flags of ``eventfd(2)``."""
+
+    #: Close the fd on exec, so children never hold our eventfds.
+    CLOEXEC = lib.PYS_EFD_CLOEXEC
+    #: ``read`` on a zero counter fails with EAGAIN instead of blocking.
+    NONBLOCK = lib.PYS_EFD_NONBLOCK
+    #: Each ``read`` returns 1 and decrements, instead of returning and zeroing.
+    SEMAPHORE = lib.PYS_EFD_SEMAPHORE
+
+
+class MallocParam(enum.IntEnum):
+    """``mallopt(3)`` parameters pyshrinker sets."""
+
+    #: Allocations at least this large are served by mmap and returned on free.
+    MMAP_THRESHOLD = lib.PYS_M_MMAP_THRESHOLD
+    #: Free space at the heap top beyond this is returned to the kernel.
+    TRIM_THRESHOLD = lib.PYS_M_TRIM_THRESHOLD
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        code = -result
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def _retry(call, what: str) -> int:  # type: ignore[no-untyped-def]
+    while True:
+        result = call()
+        if result != -errno.EINTR:
+            return _check(result, what)
+
+
+def eventfd(initval: int = 0, flags: int = EventfdFlag.CLOEXEC) -> int:
+    """Create an eventfd and return its file descriptor."""
+    return _check(lib.pys_eventfd(initval, flags), "eventfd")
+
+
+def eventfd_read(fd: int) -> int:
+    """Read (and reset) an eventfd's counter; raises BlockingIOError if non-blocking and zero."""
+    value = ffi.new("uint64_t *")
+    _retry(lambda: lib.pys_eventfd_read(fd, value), "eventfd read")
+    return int(value[0])
+
+
+def eventfd_write(fd: int, value: int) -> None:
+    """Add ``value`` (1 .. 2**64-2) to an eventfd's counter."""
+    if not 0 < value <= EVENTFD_MAX:
+        raise ValueError(f"eventfd value must be in 1..{EVENTFD_MAX}, got {value}")
+    _retry(lambda: lib.pys_eventfd_write(fd, value), "eventfd write")
+
+
+def pidfd_open(pid: int) -> int:
+    """Return a pidfd for ``pid``: it polls readable when the process exits."""
+    return _check(lib.pys_pidfd_open(pid, 0), f"pidfd_open({pid})")
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Duplicate file descriptor ``targetfd`` of the process behind ``pidfd`` into this one."""
+    return _check(lib.pys_pidfd_getfd(pidfd, targetfd, 0), f"pidfd_getfd({targetfd})")
+
+
+def malloc_trim(pad: int = 0) -> bool:
+    """Return free heap memory to the kernel; True if any was released."""
+    return bool(lib.pys_malloc_trim(pad))
+
+
+def mallopt(param: MallocParam, value: int) -> None:
+    """Set a glibc malloc parameter."""
+    _check(lib.pys_mallopt(int(param), value), f"mallopt({param.name}, {value})")
+
+
+def is_eventfd(fd: int) -> bool:
+    """Tell whether ``fd`` is an eventfd (its /proc link names ``anon_inode:[eventfd]``)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False

@@ -1,0 +1,576 @@
+"""The client: shrinkers that report what they hold and free what they are asked.
+
+A :class:`Shrinker` owns an eventfd registered with a controller (through a transport that
+follows the mempressure ABI) with a chunk size. It batches its ``+N``/``-N`` reports so that the
+hot path costs no syscall per chunk. Requests arrive as a number on its eventfd; one listener
+thread per process waits on all of them with epoll, calls the application's ``reclaim(n)``,
+and gives back (re-adds) the chunks it did not free.
+
+Reaction time. A Python thread woken by its fd runs only when it gets the GIL: about 4 us when
+the other threads are idle, but up to the interpreter's switch interval (5 ms by default) when
+another thread is busy in Python, because a waiting thread asks the running one to drop the GIL
+only after waiting that long. The listener therefore lowers the switch interval to
+:data:`REACTION_SWITCH_INTERVAL` while it runs (restored on close). The cost is a GIL hand-over
+every millisecond instead of every 5 between threads that contend for it anyway.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import attrs
+
+from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
+from pyshrinker.abi import Level, validate_chunk_size, validate_cost
+from pyshrinker.errors import ClosedError, PyshrinkerError
+from pyshrinker.transport import EmbeddedTransport, Transport
+
+log = logging.getLogger(__name__)
+
+#: Switch interval (seconds) set while a listener runs; None leaves the interpreter's alone.
+REACTION_SWITCH_INTERVAL: float | None = 0.001
+
+#: Reports are sent once this many bytes' worth of chunks are pending (at least one chunk).
+DEFAULT_BATCH_BYTES = 1 << 20
+
+#: Bumped in a forked child: objects from before the fork re-attach on next use.
+_generation = 0
+
+
+# ---------------------------------------------------------------------- the listener thread
+
+
+@attrs.define(eq=False)
+class Listener:
+    """One thread per process that waits on every shrinker's eventfd and a wake-up fd.
+
+    .. versionadded:: 0.1.0
+    """
+
+    _epoll: select.epoll = attrs.field(alias="epoll")
+    _wake_fd: int = attrs.field(alias="wake_fd")
+    _handlers: dict[int, Callable[[], None]] = attrs.field(factory=dict, alias="handlers")
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
+    _barriers: list[threading.Event] = attrs.field(factory=list, alias="barriers")
+    _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
+    _stopping: bool = attrs.field(default=False, alias="stopping")
+    _saved_interval: float | None = attrs.field(default=None, alias="saved_interval")
+
+    @classmethod
+    def start(cls) -> Listener:
+        """Create the epoll set and wake-up fd and start the thread."""
+        wake = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+        ep = select.epoll()
+        ep.register(wake, select.EPOLLIN)
+        listener = cls(epoll=ep, wake_fd=wake)
+        if REACTION_SWITCH_INTERVAL is not None:
+            current = sys.getswitchinterval()
+            if current > REACTION_SWITCH_INTERVAL:
+                listener._saved_interval = current
+                sys.setswitchinterval(REACTION_SWITCH_INTERVAL)
+        listener._thread = threading.Thread(
+            target=listener._run, name="pyshrinker-listener", daemon=True
+        )
+        listener._thread.start()
+        return listener
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def add(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call ``handler()`` on the listener thread whenever ``fd`` is readable."""
+        with self._lock:
+            self._handlers[fd] = handler
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd``."""
+        with self._lock:
+            self._handlers.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def barrier(self, timeout: float = 5.0) -> bool:
+        """Wait until everything signalled before this call has been handled."""
+        if self._thread is threading.current_thread():
+            return True
+        done = threading.Event()
+        with self._lock:
+            self._barriers.append(done)
+        eventfd_write(self._wake_fd, 1)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):
+                break  # epoll closed under us at shutdown
+            barrier_asked = self._dispatch(events)
+            if barrier_asked:
+                # Handle whatever was already signalled before releasing the waiters.
+                while not self._stopping:
+                    more = self._epoll.poll(0)
+                    if not more:
+                        break
+                    self._dispatch(more)
+                with self._lock:
+                    waiters, self._barriers = self._barriers, []
+                for done in waiters:
+                    done.set()
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> bool:
+        barrier_asked = False
+        for fd, _mask in events:
+            if fd == self._wake_fd:
+                try:
+                    eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                barrier_asked = True
+                continue
+            with self._lock:
+                handler = self._handlers.get(fd)
+            if handler is None:
+                continue
+            try:
+                handler()
+            except Exception:
+                log.exception("pyshrinker listener handler failed; listener continues")
+        return barrier_asked
+
+    def close(self) -> None:
+        """Stop and join the thread, close the fds; idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        eventfd_write(self._wake_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._epoll.close()
+        os.close(self._wake_fd)
+        with self._lock:
+            waiters, self._barriers = self._barriers, []
+        for done in waiters:
+            done.set()
+        if self._saved_interval is not None:
+            if sys.getswitchinterval() == REACTION_SWITCH_INTERVAL:
+                sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
+
+
+_listener: Listener | None = None
+_listener_lock = threading.Lock()
+
+
+def get_listener() -> Listener:
+    """The process's listener, started on first use (and again in a forked child)."""
+    global _listener
+    with _listener_lock:
+        if _listener is None or not _listener.alive:
+            _listener = Listener.start()
+        return _listener
+
+
+def _default_transport() -> Transport:
+    return EmbeddedTransport.default()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's listener thread does not exist here, and its epoll fd is shared with the
+    # parent: forget both (without closing: the parent's registrations live in that epoll).
+    global _listener, _listener_lock, _generation
+    _listener = None
+    _listener_lock = threading.Lock()
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------- shrinker
+
+
+@attrs.frozen
+class ShrinkerStats:
+    """What a shrinker has been through."""
+
+    #: Chunks held as the controller is told (reported plus pending).
+    held: int
+    requests: int
+    chunks_requested: int
+    chunks_freed: int
+    chunks_readded: int
+    callback_errors: int
+    #: Seconds the last reclaim callback took, from reading the eventfd to its return.
+    last_reaction_s: float
+
+
+Reclaim = Callable[[int], int]
+
+
+@attrs.define(eq=False)
+class Shrinker:
+    """A chunk size registered with a controller, and the callback that frees chunks.
+
+    ``reclaim(n)`` runs on the listener thread when the controller asks for ``n`` chunks; it
+    frees what it can and returns how many it freed. Those chunks are not reported again (the
+    controller already subtracted them); what it did not free is re-added. A callback that
+    raises is logged and everything it was asked is re-added.
+
+    Chunks allocated or freed on the application's own initiative are told with
+    :meth:`report`. Use :meth:`register` to create one.
+
+    .. versionadded:: 0.1.0
+    """
+
+    chunk_size: int
+    cost: float
+    name: str
+    _reclaim: Reclaim = attrs.field(alias="reclaim")
+    _transport: Transport = attrs.field(alias="transport")
+    _transport_factory: Callable[[], Transport] | None = attrs.field(alias="transport_factory")
+    _batch: int = attrs.field(alias="batch")
+    _efd: int = attrs.field(default=-1, alias="efd")
+    _listener: Listener | None = attrs.field(default=None, alias="listener")
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
+    _request_lock: threading.RLock = attrs.field(factory=threading.RLock, alias="request_lock")
+    _pending: int = attrs.field(default=0, alias="pending")
+    _reported: int = attrs.field(default=0, alias="reported")
+    _generation: int = attrs.field(default=0, alias="generation")
+    _closed: bool = attrs.field(default=False, alias="closed")
+    _requests: int = attrs.field(default=0, alias="requests")
+    _chunks_requested: int = attrs.field(default=0, alias="chunks_requested")
+    _chunks_freed: int = attrs.field(default=0, alias="chunks_freed")
+    _chunks_readded: int = attrs.field(default=0, alias="chunks_readded")
+    _callback_errors: int = attrs.field(default=0, alias="callback_errors")
+    _last_reaction_s: float = attrs.field(default=0.0, alias="last_reaction_s")
+
+    @classmethod
+    def register(
+        cls,
+        chunk_size: int,
+        reclaim: Reclaim,
+        *,
+        cost: float = 1.0,
+        name: str | None = None,
+        transport: Transport | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> Shrinker:
+        """Register a shrinker of ``chunk_size`` bytes per chunk.
+
+        ``cost`` is the relative cost to rebuild a chunk (2 = asked half as much per byte held
+        as a cost-1 shrinker). ``transport`` defaults to the embedded controller.
+        """
+        validate_chunk_size(chunk_size)
+        validate_cost(cost)
+        if not callable(reclaim):
+            raise TypeError(f"reclaim must be callable, got {reclaim!r}")
+        if batch_bytes < 0:
+            raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
+        factory = None if transport is not None else _default_transport
+        shrinker = cls(
+            chunk_size=chunk_size,
+            cost=float(cost),
+            name=name or f"shrinker-{chunk_size}",
+            reclaim=reclaim,
+            transport=transport if transport is not None else _default_transport(),
+            transport_factory=factory,
+            batch=max(1, batch_bytes // chunk_size),
+        )
+        shrinker._attach()
+        return shrinker
+
+    def _attach(self) -> None:
+        efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+        try:
+            self._transport.register(efd, self.chunk_size, self.cost)
+        except BaseException:
+            os.close(efd)
+            raise
+        self._efd = efd
+        self._generation = _generation
+        self._listener = get_listener()
+        self._listener.add(efd, self._on_request)
+
+    def _reattach_after_fork(self) -> None:
+        # In a forked child the eventfd is shared with the parent and the parent's controller
+        # is not ours: register anew, with what this copy holds.
+        with self._lock:
+            held = self._reported + self._pending
+            os.close(self._efd)
+            if self._transport_factory is not None:
+                self._transport = self._transport_factory()
+            self._attach()
+            self._reported = 0
+            self._pending = held
+        self.flush()
+
+    @property
+    def efd(self) -> int:
+        """The eventfd requests arrive on."""
+        return self._efd
+
+    @property
+    def transport(self) -> Transport:
+        """Where reports go."""
+        return self._transport
+
+    def report(self, chunks: int) -> None:
+        """Tell the controller ``chunks`` were allocated (> 0) or freed on our initiative (< 0)."""
+        if self._generation != _generation:
+            self._reattach_after_fork()
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"{self.name} is closed")
+            self._pending += chunks
+            if -self._batch < self._pending < self._batch:
+                return
+            pending, self._pending = self._pending, 0
+            self._reported += pending
+            self._transport.report(self._efd, pending)
+
+    def flush(self) -> None:
+        """Send pending reports now."""
+        with self._lock:
+            if self._closed or self._pending == 0:
+                return
+            pending, self._pending = self._pending, 0
+            self._reported += pending
+            self._transport.report(self._efd, pending)
+
+    @property
+    def held(self) -> int:
+        """Chunks we have told (or will tell) the controller we hold."""
+        with self._lock:
+            return self._reported + self._pending
+
+    def stats(self) -> ShrinkerStats:
+        """Counters of requests and chunks so far."""
+        with self._lock:
+            held = self._reported + self._pending
+        return ShrinkerStats(
+            held,
+            self._requests,
+            self._chunks_requested,
+            self._chunks_freed,
+            self._chunks_readded,
+            self._callback_errors,
+            self._last_reaction_s,
+        )
+
+    def _on_request(self) -> None:
+        with self._request_lock:
+            if self._closed:
+                return
+            start = time.perf_counter()
+            try:
+                asked = eventfd_read(self._efd)
+            except BlockingIOError:
+                return
+            self.flush()
+            with self._lock:
+                # The controller subtracted what it asked, and it can never ask more than the
+                # count it had, which is at most what we reported. More than that is absurd
+                # (a stray writer): handle what could be real, re-add nothing for the rest.
+                believable = max(0, self._reported)
+                if asked > believable:
+                    log.warning(
+                        "%s: request for %d chunks exceeds the %d reported; treating as %d",
+                        self.name,
+                        asked,
+                        believable,
+                        believable,
+                    )
+                    asked = believable
+                self._reported -= asked
+            if asked == 0:
+                return
+            self._requests += 1
+            self._chunks_requested += asked
+            freed = self._call_reclaim(asked)
+            self._last_reaction_s = time.perf_counter() - start
+            self._chunks_freed += freed
+            with self._lock:
+                if freed < asked:
+                    self._chunks_readded += asked - freed
+                    self._reported += asked - freed
+                    self._transport.report(self._efd, asked - freed)
+                elif freed > asked:
+                    # Freed whole entries beyond the request: those are our own frees.
+                    self._reported -= freed - asked
+                    self._transport.report(self._efd, -(freed - asked))
+
+    def _call_reclaim(self, asked: int) -> int:
+        try:
+            freed = self._reclaim(asked)
+        except Exception:
+            self._callback_errors += 1
+            log.exception("%s: reclaim(%d) raised; re-adding all %d chunks", self.name, asked, asked)
+            return 0
+        if isinstance(freed, bool) or not isinstance(freed, int) or freed < 0:
+            self._callback_errors += 1
+            log.error(
+                "%s: reclaim(%d) returned %r, not a count of chunks; counting 0 freed",
+                self.name,
+                asked,
+                freed,
+            )
+            return 0
+        return freed
+
+    def close(self) -> None:
+        """Unregister and close the eventfd; idempotent."""
+        with self._request_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+            if self._generation != _generation:
+                # A forked child's copy: the eventfd is the parent's registration.
+                os.close(self._efd)
+                return
+            if self._listener is not None:
+                self._listener.remove(self._efd)
+            try:
+                self._transport.unregister(self._efd)
+            except PyshrinkerError as err:
+                log.debug("%s: unregister: %s", self.name, err)
+            os.close(self._efd)
+            self._efd = -1
+
+    def __enter__(self) -> Shrinker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def settle(timeout: float = 5.0) -> bool:
+    """Wait until the listener has handled every request signalled before this call."""
+    with _listener_lock:
+        listener = _listener
+    if listener is None:
+        return True
+    return listener.barrier(timeout)
+
+
+# ---------------------------------------------------------------------- levels
+
+
+@attrs.define(eq=False)
+class LevelSubscription:
+    """Calls ``callback(level)`` on the listener thread for each event at ``level`` or above.
+
+    Created by :func:`subscribe_levels`; ``close()`` unsubscribes (idempotent).
+
+    .. versionadded:: 0.1.0
+    """
+
+    level: Level
+    _callback: Callable[[Level], object] = attrs.field(alias="callback")
+    _transport: Transport = attrs.field(alias="transport")
+    _efds: dict[Level, int] = attrs.field(factory=dict, alias="efds")
+    _listener: Listener | None = attrs.field(default=None, alias="listener")
+    _lock: threading.RLock = attrs.field(factory=threading.RLock, alias="lock")
+    _closed: bool = attrs.field(default=False, alias="closed")
+    #: Events delivered so far.
+    delivered: int = 0
+
+    def _on_event(self) -> None:
+        # A level event signals every eventfd registered at that level or below: the highest
+        # one signalled is the level that happened.
+        with self._lock:
+            if self._closed:
+                return
+            heard: Level | None = None
+            for level, efd in self._efds.items():
+                try:
+                    if eventfd_read(efd) > 0:
+                        heard = level if heard is None else max(heard, level)
+                except BlockingIOError:
+                    pass
+            if heard is None:
+                return
+            self.delivered += 1
+        try:
+            self._callback(heard)
+        except Exception:
+            log.exception("level callback %r raised; listener continues", self._callback)
+
+    def close(self) -> None:
+        """Unsubscribe; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for efd in self._efds.values():
+                if self._listener is not None:
+                    self._listener.remove(efd)
+                try:
+                    self._transport.unregister(efd)
+                except PyshrinkerError:
+                    pass
+                os.close(efd)
+            self._efds.clear()
+
+    def __enter__(self) -> LevelSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def subscribe_levels(
+    callback: Callable[[Level], object],
+    level: Level | str = Level.LOW,
+    *,
+    transport: Transport | None = None,
+) -> LevelSubscription:
+    """Call ``callback(level)`` whenever pressure reaches ``level`` (low, medium or oom) or more.
+
+    .. versionadded:: 0.1.0
+    """
+    if isinstance(level, str):
+        level = Level.parse(level)
+    transport = transport if transport is not None else _default_transport()
+    sub = LevelSubscription(level=level, callback=callback, transport=transport)
+    listener = get_listener()
+    sub._listener = listener
+    try:
+        for each in Level:
+            if each < level:
+                continue
+            efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+            sub._efds[each] = efd
+            transport.register_level(efd, each)
+            listener.add(efd, sub._on_event)
+    except BaseException:
+        sub.close()
+        raise
+    return sub
+
+
+__all__ = [
+    "EVENTFD_MAX",
+    "LevelSubscription",
+    "Listener",
+    "Shrinker",
+    "ShrinkerStats",
+    "settle",
+    "subscribe_levels",
+]

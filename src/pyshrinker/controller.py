@@ -1,0 +1,736 @@
+"""The controller: the kernel's half of the mempressure proposal, in user space.
+
+It keeps the registered shrinkers (an eventfd, a chunk size, a cost and a count of reclaimable
+chunks), watches the memory signals the machine offers, decides how many bytes must go
+(:mod:`pyshrinker.policy`), and asks each shrinker for its share by writing the number of chunks
+to its eventfd, after subtracting them from its count, exactly as the proposal's kernel would.
+
+One background thread blocks in epoll on the signal fds and a wake-up eventfd. Only when the
+kernel gives no notification for usage (cgroup v2, the host, a process budget), or while a
+reclaim episode is under way, does it wake on a timeout, chosen adaptively.
+
+When memory does not come down after a request it escalates: it asks again (requests already
+in flight are not counted twice), tells "medium" level listeners, then runs ``gc.collect()``
+and ``malloc_trim(0)`` and tells "oom" level listeners.
+
+Freed memory must reach the kernel. glibc raises its mmap threshold dynamically the first time
+an mmap-served block is freed (up to 32 MiB), after which 1 MiB blocks come from the heap and
+freeing them returns nothing. The controller pins the threshold with ``mallopt`` on start.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+import attrs
+
+from pyshrinker import policy
+from pyshrinker._syscalls import (
+    EventfdFlag,
+    MallocParam,
+    eventfd,
+    eventfd_read,
+    eventfd_write,
+    malloc_trim,
+    mallopt,
+)
+from pyshrinker.abi import Level, validate_chunk_size, validate_cost
+from pyshrinker.cgroup import (
+    CgroupV1,
+    CgroupV2,
+    HostMemory,
+    MemorySource,
+    MemoryState,
+    memory_source_of,
+    v2_group_of,
+)
+from pyshrinker.errors import AbiError, CgroupError, CgroupNotFound, ClosedError
+from pyshrinker.signals import Notifier
+from pyshrinker.signals.budget import ProcessBudget
+from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiTrigger, StallKind
+from pyshrinker.signals.v1 import OomNotifier, PressureLevel, UsageThreshold, V1Level
+from pyshrinker.signals.v2 import MemoryEventsWatcher
+
+log = logging.getLogger(__name__)
+
+#: glibc's default mmap threshold; pinning it stops the dynamic raise.
+GLIBC_MMAP_THRESHOLD = 128 * 1024
+
+
+@attrs.frozen
+class ControllerConfig:
+    """How the controller steers.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: Bytes (int) or fraction of the limit (float) kept free above the high watermark.
+    headroom: int | float | None = None
+    #: Seconds a request counts as in flight (not asked again) unless usage drops sooner.
+    grace: float = 0.005
+    #: Seconds the working set may stay above the high watermark before escalating a step.
+    escalate_after: float = 0.25
+    #: Escalation steps taken at most per reclaim episode.
+    max_escalation: int = 3
+    #: Pin glibc's mmap threshold on start so freed large blocks go back to the kernel.
+    pin_mmap_threshold: bool = True
+    #: Growth rate (bytes/s) assumed when polling adaptively.
+    growth_rate: float = 1024 * policy.MiB
+    #: Bounds of the adaptive polling interval, in seconds.
+    shortest_poll: float = 0.001
+    #: Polling interval above the high watermark when usage thresholds also notify.
+    episode_poll: float = 0.01
+    longest_poll: float = 1.0
+    #: Arm PSI triggers and v1 pressure levels (besides usage watermarks).
+    use_pressure_signals: bool = True
+
+
+@attrs.frozen
+class ShrinkerInfo:
+    """A registered shrinker as the controller sees it."""
+
+    key: Hashable
+    chunk_size: int
+    cost: float
+    count: int
+    requests: int
+    chunks_requested: int
+
+
+@attrs.frozen
+class ShrinkRequest:
+    """One request sent: ``chunks`` asked of shrinker ``key`` for ``reason``."""
+
+    monotonic: float
+    key: Hashable
+    chunks: int
+    reason: str
+
+
+@attrs.define(eq=False)
+class _Registration:
+    key: Hashable
+    fd: int
+    chunk_size: int
+    cost: float
+    count: int = 0
+    # Frees reported while a request was in flight can meet the count at 0 (the ABI's floor);
+    # the excess is kept here and paid back by the re-add that follows, so counts stay exact.
+    deficit: int = 0
+    requests: int = 0
+    chunks_requested: int = 0
+
+    def info(self) -> ShrinkerInfo:
+        return ShrinkerInfo(
+            self.key, self.chunk_size, self.cost, self.count, self.requests, self.chunks_requested
+        )
+
+
+@attrs.define(eq=False)
+class _LevelListener:
+    key: Hashable
+    fd: int
+    level: Level
+
+
+@attrs.define(eq=False)
+class Controller:
+    """Registry of shrinkers plus the thread that asks them for memory.
+
+    Build one with :meth:`for_current_process` (picks the best signals this machine offers) or
+    :meth:`create` (explicit memory source and notifiers); :meth:`start` runs the thread.
+
+    .. versionadded:: 0.1.0
+    """
+
+    memory: MemorySource | None
+    config: ControllerConfig
+    _notifiers: list[Notifier] = attrs.field(alias="notifiers")
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
+    _shrinkers: dict[Hashable, _Registration] = attrs.field(factory=dict, alias="shrinkers")
+    _levels: dict[Hashable, _LevelListener] = attrs.field(factory=dict, alias="levels")
+    _history: list[ShrinkRequest] = attrs.field(factory=list, alias="history")
+    _in_flight: list[tuple[float, int, int]] = attrs.field(factory=list, alias="in_flight")
+    _marks: policy.Watermarks | None = attrs.field(default=None, alias="marks")
+    _thresholds: list[UsageThreshold] = attrs.field(factory=list, alias="thresholds")
+    _wake_fd: int = attrs.field(default=-1, alias="wake_fd")
+    _epoll: select.epoll | None = attrs.field(default=None, alias="epoll")
+    _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
+    _stopping: bool = attrs.field(default=False, alias="stopping")
+    _closed: bool = attrs.field(default=False, alias="closed")
+    _episode_step: int = attrs.field(default=0, alias="episode_step")
+    _episode: bool = attrs.field(default=False, alias="episode")
+    _above_since: float | None = attrs.field(default=None, alias="above_since")
+    _working_set_at_request: int = attrs.field(default=0, alias="working_set_at_request")
+    _last_state: MemoryState | None = attrs.field(default=None, alias="last_state")
+    _hooks: list[Callable[[ShrinkRequest], None]] = attrs.field(factory=list, alias="hooks")
+    #: Why each signal source the machine might offer was not used.
+    unavailable: dict[str, str] = attrs.field(factory=dict)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(
+        cls,
+        memory: MemorySource | None,
+        notifiers: list[Notifier] | None = None,
+        config: ControllerConfig | None = None,
+    ) -> Controller:
+        """A controller over an explicit memory source (None: only explicit requests)."""
+        return cls(memory, config or ControllerConfig(), notifiers=list(notifiers or []))
+
+    @classmethod
+    def for_current_process(
+        cls, *, budget: int | None = None, config: ControllerConfig | None = None
+    ) -> Controller:
+        """Pick the memory source and signals this process can use, best first.
+
+        cgroup v1 with a limit: usage threshold at the high watermark (plus pressure levels and
+        OOM notification). cgroup v2 with a limit: adaptive reads of memory.current, memory.events
+        and a PSI trigger on the group. No limit: the process ``budget`` if given (RSS read
+        adaptively), else the host's memory with a system PSI trigger.
+        """
+        config = config or ControllerConfig()
+        unavailable: dict[str, str] = {}
+        memory: MemorySource
+        try:
+            memory = memory_source_of()
+        except CgroupError as err:
+            unavailable["cgroup"] = str(err)
+            memory = HostMemory.open()
+        if budget is not None:
+            state = memory.read()
+            if state.limit is None or isinstance(memory, HostMemory):
+                memory.close()
+                memory = ProcessBudget.open(budget)
+            else:
+                unavailable["budget"] = f"the cgroup's limit ({state.limit} bytes) takes precedence"
+        controller = cls(memory, config, notifiers=[], unavailable=unavailable)
+        controller._arm_pressure_signals()
+        return controller
+
+    def _arm_pressure_signals(self) -> None:
+        """Arm the notifiers that tell of pressure (besides usage, armed in ``_rewatermark``)."""
+        memory = self.memory
+        if not self.config.use_pressure_signals or memory is None:
+            return
+        if isinstance(memory, CgroupV1):
+            for level in (V1Level.LOW, V1Level.MEDIUM, V1Level.CRITICAL):
+                try:
+                    self._notifiers.append(PressureLevel.register(memory.path, level))
+                except (CgroupError, OSError) as err:
+                    self.unavailable[f"v1 pressure level {level.value}"] = str(err)
+            try:
+                self._notifiers.append(OomNotifier.register(memory.path))
+            except (CgroupError, OSError) as err:
+                self.unavailable["v1 oom notification"] = str(err)
+            self.unavailable["psi"] = "cgroup v1 usage thresholds and levels are used instead"
+            return
+        if isinstance(memory, CgroupV2):
+            try:
+                self._notifiers.append(MemoryEventsWatcher.open(memory.path))
+            except (CgroupError, OSError) as err:
+                self.unavailable["v2 memory.events"] = str(err)
+            psi_path = os.path.join(memory.path, "memory.pressure")
+        else:
+            group = v2_group_of()
+            own = os.path.join(group, "memory.pressure") if group else None
+            psi_path = own if own and os.path.exists(own) else SYSTEM_MEMORY_PRESSURE
+        try:
+            self._notifiers.append(
+                PsiTrigger.arm(psi_path, StallKind.SOME, stall_us=150_000, window_us=2_000_000)
+            )
+        except (CgroupError, OSError, ValueError) as err:
+            self.unavailable["psi"] = str(err)
+        self.unavailable.setdefault(
+            "usage thresholds", "no usage notification outside cgroup v1: read adaptively"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Controller:
+        """Start the background thread (idempotent); returns self."""
+        if self._closed:
+            raise ClosedError("controller is closed")
+        if self._thread is not None:
+            return self
+        if self.config.pin_mmap_threshold:
+            try:
+                mallopt(MallocParam.MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
+            except OSError as err:  # not glibc, or refused: nothing to pin
+                log.debug("mallopt(M_MMAP_THRESHOLD) failed: %s", err)
+        self._wake_fd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._rewatermark()
+        for notifier in self._notifiers:
+            self._epoll.register(notifier.fileno(), notifier.events)
+        log.info("pyshrinker controller watching: %s", "; ".join(self.describe_signals()))
+        self._thread = threading.Thread(target=self._run, name="pyshrinker-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def describe_signals(self) -> list[str]:
+        """One line per signal source in use, the memory source first."""
+        lines = []
+        if self.memory is not None:
+            lines.append(f"memory: {self.memory.version.value} {self.memory.path}")
+        lines.extend(t.describe() for t in self._thresholds)
+        lines.extend(n.describe() for n in self._notifiers)
+        if self._needs_polling():
+            lines.append("adaptive polling of usage")
+        return lines
+
+    def close(self) -> None:
+        """Stop the thread and close every fd; idempotent. Registrations are forgotten."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        if self._thread is not None:
+            eventfd_write(self._wake_fd, 1)
+            if self._thread is not threading.current_thread():
+                self._thread.join()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for notifier in self._notifiers:
+            notifier.close()
+        self._notifiers.clear()
+        for threshold in self._thresholds:
+            threshold.close()
+        self._thresholds.clear()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+        if self.memory is not None:
+            self.memory.close()
+        with self._lock:
+            self._shrinkers.clear()
+            self._levels.clear()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this copy's fds without touching the parent's thread."""
+        self._closed = True
+        self._thread = None
+        self._close_fds()
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ registry (the ABI)
+
+    def register(self, key: Hashable, fd: int, chunk_size: int, cost: float = 1.0) -> None:
+        """Register shrinker ``key``: requests go to eventfd ``fd``, in chunks of ``chunk_size``."""
+        validate_chunk_size(chunk_size)
+        validate_cost(cost)
+        with self._lock:
+            if self._closed:
+                raise ClosedError("controller is closed")
+            if key in self._shrinkers or key in self._levels:
+                raise AbiError(f"{key!r} is already registered")
+            self._shrinkers[key] = _Registration(key, fd, chunk_size, float(cost))
+
+    def unregister(self, key: Hashable) -> None:
+        """Forget shrinker or level listener ``key``; after this its fd is never written."""
+        with self._lock:
+            self._shrinkers.pop(key, None)
+            self._levels.pop(key, None)
+
+    def report(self, key: Hashable, chunks: int) -> None:
+        """Apply ``"<efd> <N>"``: add (N > 0) or remove (N < 0) reclaimable chunks.
+
+        The count never goes below 0. A removal past 0 is remembered (up to the chunks ever
+        requested, which is the only way an honest client gets there: it freed chunks on its
+        own while a request for them was in flight) and paid back by the re-add that follows.
+        """
+        with self._lock:
+            reg = self._shrinkers.get(key)
+            if reg is None:
+                raise AbiError(f"no shrinker registered as {key!r}")
+            if chunks >= 0:
+                paid = min(reg.deficit, chunks)
+                reg.deficit -= paid
+                reg.count += chunks - paid
+            else:
+                taken = min(reg.count, -chunks)
+                reg.count -= taken
+                reg.deficit = min(reg.chunks_requested, reg.deficit + (-chunks - taken))
+
+    def register_level(self, key: Hashable, fd: int, level: Level) -> None:
+        """Signal eventfd ``fd`` whenever ``level`` or a higher one happens."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("controller is closed")
+            if key in self._shrinkers or key in self._levels:
+                raise AbiError(f"{key!r} is already registered")
+            self._levels[key] = _LevelListener(key, fd, Level(level))
+
+    def shrinkers(self) -> list[ShrinkerInfo]:
+        """The registered shrinkers now, in registration order."""
+        with self._lock:
+            return [reg.info() for reg in self._shrinkers.values()]
+
+    def count(self, key: Hashable) -> int:
+        """The count of shrinker ``key``."""
+        with self._lock:
+            reg = self._shrinkers.get(key)
+            if reg is None:
+                raise AbiError(f"no shrinker registered as {key!r}")
+            return reg.count
+
+    def history(self) -> list[ShrinkRequest]:
+        """Every request sent so far (kept up to the last 10,000)."""
+        with self._lock:
+            return list(self._history)
+
+    def add_request_hook(self, hook: Callable[[ShrinkRequest], None]) -> None:
+        """Call ``hook(request)`` (on the controller's thread) after each request is sent."""
+        self._hooks.append(hook)
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, key: Hashable, chunks: int, reason: str = "explicit") -> int:
+        """Ask shrinker ``key`` for up to ``chunks`` chunks now; returns how many were asked."""
+        if chunks < 0:
+            raise ValueError(f"chunks must be >= 0, got {chunks}")
+        with self._lock:
+            reg = self._shrinkers.get(key)
+            if reg is None:
+                raise AbiError(f"no shrinker registered as {key!r}")
+            sent = self._signal(reg, min(chunks, reg.count), reason)
+        self._run_hooks(sent)
+        return sum(r.chunks for r in sent)
+
+    def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
+        """Ask all shrinkers for about ``nbytes`` in proportion to held bytes / cost."""
+        with self._lock:
+            regs = list(self._shrinkers.values())
+            asked = policy.share(
+                nbytes, [policy.Holding(r.count, r.chunk_size, r.cost) for r in regs]
+            )
+            sent: list[ShrinkRequest] = []
+            for reg, chunks in zip(regs, asked):
+                sent.extend(self._signal(reg, chunks, reason))
+        self._run_hooks(sent)
+        return {r.key: r.chunks for r in sent}
+
+    def _signal(self, reg: _Registration, chunks: int, reason: str) -> list[ShrinkRequest]:
+        # Called with the lock held: the registration cannot be dropped (and its fd closed
+        # and reused) while we write to it.
+        if chunks <= 0:
+            return []
+        reg.count -= chunks
+        reg.requests += 1
+        reg.chunks_requested += chunks
+        try:
+            eventfd_write(reg.fd, chunks)
+        except OSError as err:
+            # EBADF or a full counter: the client is gone or stuck; stop asking it.
+            log.warning("dropping shrinker %r: signalling its eventfd failed: %s", reg.key, err)
+            self._shrinkers.pop(reg.key, None)
+            return []
+        now = time.monotonic()
+        request = ShrinkRequest(now, reg.key, chunks, reason)
+        self._history.append(request)
+        if len(self._history) > 10_000:
+            del self._history[:5_000]
+        self._in_flight.append(
+            (now + self.config.grace, chunks * reg.chunk_size, self._working_set_at_request)
+        )
+        return [request]
+
+    def _run_hooks(self, sent: list[ShrinkRequest]) -> None:
+        for request in sent:
+            for hook in self._hooks:
+                try:
+                    hook(request)
+                except Exception:
+                    log.exception("request hook %r raised", hook)
+
+    def notify_level(self, level: Level) -> int:
+        """Signal every listener registered at ``level`` or below; returns how many."""
+        told = 0
+        with self._lock:
+            for listener in list(self._levels.values()):
+                if listener.level <= level:
+                    try:
+                        eventfd_write(listener.fd, 1)
+                        told += 1
+                    except OSError as err:
+                        log.warning("dropping level listener %r: %s", listener.key, err)
+                        self._levels.pop(listener.key, None)
+        return told
+
+    # ------------------------------------------------------------------ the decision
+
+    def _needs_polling(self) -> bool:
+        return self.memory is not None and not self._thresholds
+
+    def _rewatermark(self, state: MemoryState | None = None) -> None:
+        """(Re)compute watermarks from the limit; on v1 move the usage threshold with them."""
+        if self.memory is None:
+            return
+        if state is None:
+            state = self.memory.read()
+        if state.limit is None:
+            self._marks = None
+            return
+        marks = policy.Watermarks.for_limit(state.limit, self.config.headroom)
+        if marks == self._marks:
+            return
+        self._marks = marks
+        if isinstance(self.memory, CgroupV1):
+            # Thresholds compare usage (page cache included) while the policy steers by the
+            # working set; usage >= working set, so they fire no later than needed. One at the
+            # high watermark starts an episode; one halfway to the limit wakes us at once if
+            # memory keeps growing while a request is in flight.
+            old = self._thresholds
+            self._thresholds = [
+                UsageThreshold.register(self.memory.path, marks.high),
+                UsageThreshold.register(self.memory.path, (marks.high + marks.limit) // 2),
+            ]
+            for threshold in old:
+                if self._epoll is not None:
+                    self._epoll.unregister(threshold.fileno())
+                threshold.close()
+            if self._epoll is not None:
+                for threshold in self._thresholds:
+                    self._epoll.register(threshold.fileno(), threshold.events)
+
+    def _in_flight_bytes(self, now: float, working_set: int) -> int:
+        # A request is in flight until its grace ends, or until the working set is seen below
+        # where it was when asked (the client acted). Over-asking costs some throughput;
+        # under-asking costs an OOM kill, so the grace is short.
+        self._in_flight = [
+            entry for entry in self._in_flight if entry[0] > now and working_set >= entry[2]
+        ]
+        return sum(entry[1] for entry in self._in_flight)
+
+    def evaluate(self, reason: str = "watermark") -> MemoryState | None:
+        """Read memory now and ask for what must go; escalate if earlier asks did not help."""
+        if self.memory is None:
+            return None
+        state = self.memory.read()
+        self._last_state = state
+        self._rewatermark(state)
+        marks = self._marks
+        if marks is None:
+            return state
+        now = time.monotonic()
+        with self._lock:
+            in_flight = self._in_flight_bytes(now, state.working_set)
+        if state.working_set < marks.high:
+            self._above_since = None
+            if state.working_set < marks.low:
+                self._episode = False
+                self._episode_step = 0
+            return state
+        if not self._episode:
+            self._episode = True
+            self.notify_level(Level.LOW)
+        if self._above_since is None:
+            self._above_since = now
+        need = policy.bytes_to_free(state.working_set, marks, in_flight)
+        self._working_set_at_request = state.working_set
+        asked = self.shrink(need, reason) if need > 0 else {}
+        stuck = now - self._above_since >= self.config.escalate_after
+        if stuck or (need > 0 and not asked and in_flight == 0):
+            self._escalate(state)
+            self._above_since = now
+        return state
+
+    def _escalate(self, state: MemoryState) -> None:
+        if self._episode_step >= self.config.max_escalation:
+            return
+        self._episode_step += 1
+        log.info(
+            "memory not coming down (working set %d, high watermark %d): escalation step %d",
+            state.working_set,
+            self._marks.high if self._marks else -1,
+            self._episode_step,
+        )
+        if self._episode_step == 1:
+            self.notify_level(Level.MEDIUM)
+        else:
+            gc.collect()
+            malloc_trim(0)
+            self.notify_level(Level.OOM)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _timeout(self) -> float:
+        if self.memory is None:
+            return -1
+        if self._marks is None:
+            # No limit now; one may be set later.
+            return self.config.longest_poll
+        state = self._last_state
+        above = state is not None and state.working_set >= self._marks.high
+        if self._in_flight or above:
+            # Above the high watermark, or waiting to see a request's effect: read often, unless
+            # usage thresholds will tell us of every crossing (then only to escalate).
+            if self._thresholds:
+                return self.config.episode_poll
+            return self.config.shortest_poll
+        if not self._needs_polling():
+            return -1
+        if state is None:
+            return self.config.shortest_poll
+        return policy.poll_interval(
+            state.working_set,
+            self._marks,
+            growth_rate=self.config.growth_rate,
+            shortest=self.config.shortest_poll,
+            longest=self.config.longest_poll,
+        )
+
+    def _run(self) -> None:
+        assert self._epoll is not None
+        by_fd = {n.fileno(): n for n in self._notifiers}
+        while not self._stopping:
+            try:
+                events = self._epoll.poll(self._timeout())
+            except InterruptedError:
+                continue
+            reason = "poll"
+            level: Level | None = None
+            for fd, _mask in events:
+                if fd == self._wake_fd:
+                    try:
+                        eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                    continue
+                threshold = next((t for t in self._thresholds if t.fileno() == fd), None)
+                if threshold is not None:
+                    threshold.consume()
+                    reason = "usage threshold"
+                    continue
+                notifier = by_fd.get(fd)
+                if notifier is None:
+                    continue
+                try:
+                    real = notifier.consume()
+                except CgroupError:
+                    real = True
+                if real:
+                    reason = type(notifier).__name__
+                    level = max(level or Level.LOW, _level_of(notifier))
+            if self._stopping:
+                break
+            if level is not None:
+                self.notify_level(level)
+            try:
+                self.evaluate(reason)
+            except CgroupNotFound as err:
+                self._memory_gone(err, by_fd)
+            except Exception:
+                log.exception("controller evaluation failed; continuing")
+                time.sleep(self.config.escalate_after)
+
+    def _memory_gone(self, err: CgroupNotFound, by_fd: dict[int, Notifier]) -> None:
+        # The cgroup was removed under us (its files now fail with ENODEV). Registrations and
+        # counts are kept; look for the cgroup the process is in now, else stop watching.
+        log.error("memory cgroup gone: %s; looking for the current one", err)
+        assert self._epoll is not None
+        for notifier in self._notifiers:
+            try:
+                self._epoll.unregister(notifier.fileno())
+            except OSError as unreg_err:
+                if unreg_err.errno != errno.ENOENT:
+                    raise
+            notifier.close()
+        self._notifiers.clear()
+        by_fd.clear()
+        for threshold in self._thresholds:
+            self._epoll.unregister(threshold.fileno())
+            threshold.close()
+        self._thresholds.clear()
+        self._marks = None
+        old = self.memory
+        self.memory = None
+        if old is not None:
+            old.close()
+        try:
+            memory = memory_source_of()
+            memory.read()
+        except CgroupError as again:
+            log.error("no memory cgroup to watch (%s): controller idle", again)
+            return
+        self.memory = memory
+        self._rewatermark()
+        self._arm_pressure_signals()
+        for notifier in self._notifiers:
+            self._epoll.register(notifier.fileno(), notifier.events)
+            by_fd[notifier.fileno()] = notifier
+        log.warning("now watching %s", "; ".join(self.describe_signals()))
+
+
+def _level_of(notifier: Notifier) -> Level:
+    if isinstance(notifier, PressureLevel):
+        return {
+            V1Level.LOW: Level.LOW,
+            V1Level.MEDIUM: Level.MEDIUM,
+            V1Level.CRITICAL: Level.OOM,
+        }[notifier.level]
+    if isinstance(notifier, OomNotifier):
+        return Level.OOM
+    return Level.MEDIUM
+
+
+_default: Controller | None = None
+_default_lock = threading.Lock()
+
+
+def default_controller() -> Controller:
+    """The process's embedded controller, created and started on first use."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            budget_env = os.environ.get("PYSHRINKER_BUDGET")
+            budget = parse_size(budget_env) if budget_env else None
+            _default = Controller.for_current_process(budget=budget).start()
+        return _default
+
+
+def _forget_default_after_fork() -> None:
+    global _default, _default_lock
+    _default_lock = threading.Lock()
+    if _default is not None:
+        _default.forget_after_fork()
+        _default = None
+
+
+os.register_at_fork(after_in_child=_forget_default_after_fork)
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"256M"``, ``"8G"``, ``"1048576"``, ``"512KiB"`` -> bytes (powers of 1024)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in _SUFFIXES and value[-1:] else ""
+    number = value[: len(value) - len(suffix)].strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 8G)") from None
+    if amount < 0 or amount != amount:
+        raise ValueError(f"size must be >= 0: {text!r}")
+    return int(amount * _SUFFIXES[suffix])

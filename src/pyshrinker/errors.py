@@ -1,0 +1,41 @@
+"""The exceptions pyshrinker raises.
+
+Everything derives from :class:`PyshrinkerError`. Where a builtin exception already says the
+same thing, the subclass also derives from it, so ``except FileNotFoundError`` keeps working.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+
+class PyshrinkerError(Exception):
+    """Root of every exception pyshrinker raises."""
+
+
+class CgroupError(PyshrinkerError):
+    """A memory cgroup could not be found, read or used."""
+
+
+class CgroupNotFound(CgroupError, FileNotFoundError):
+    """The cgroup (or one of its files) does not exist, or was removed."""
+
+
+class CgroupPermissionError(CgroupError, PermissionError):
+    """The cgroup exists, but this process may not read or write it."""
+
+
+class MalformedFile(CgroupError, ValueError):
+    """A kernel file held something pyshrinker could not parse."""
+
+
+class UnsupportedError(PyshrinkerError, OSError):
+    """The kernel or machine lacks a feature (PSI, a cgroup controller, FUSE...)."""
+
+
+class AbiError(PyshrinkerError, ValueError):
+    """A line of the mempressure ABI was malformed, or named an unknown registration."""
+
+
+class ClosedError(PyshrinkerError, RuntimeError):
+    """The object was used after ``close()``."""
