@@ -64,7 +64,11 @@ def run_with_budget(limit: int, total: str) -> dict[str, object]:
         [sys.executable, ALLOCATOR, "--total", total], env=env, stdout=subprocess.PIPE, text=True
     )
     figures = _last_json(proc.stdout) or {}
-    return {"run": "with pyshrinker, process budget", "outcome": _describe(proc.returncode), **figures}
+    return {
+        "run": "with pyshrinker, process budget",
+        "outcome": _describe(proc.returncode),
+        **figures,
+    }
 
 
 def main() -> int:
@@ -83,7 +87,10 @@ def main() -> int:
         result = run_with_budget(limit, args.total)
         print(json.dumps(result))
         return 0 if result["outcome"] == "exit status 0" else 1
-    print(f"Allocating {args.total} in 1 MiB chunks inside a {limit // 2**20} MiB cgroup...", flush=True)
+    print(
+        f"Allocating {args.total} in 1 MiB chunks inside a {limit // 2**20} MiB cgroup...",
+        flush=True,
+    )
     with_ = run_in_cgroup(limit, args.total, shrinker=True)
     print(
         f"  with pyshrinker:    {with_['outcome']}, oom_kill {with_['oom_kill']}, "

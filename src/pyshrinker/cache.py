@@ -125,7 +125,9 @@ class ChunkCache(Generic[K, V]):
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         return max(1, math.ceil(nbytes / self._shrinker.chunk_size))
 
-    def put(self, key: K, value: V, *, chunks: int | None = None, nbytes: int | None = None) -> None:
+    def put(
+        self, key: K, value: V, *, chunks: int | None = None, nbytes: int | None = None
+    ) -> None:
         """Store ``value`` under ``key`` as the most recently used entry."""
         if chunks is not None and nbytes is not None:
             raise TypeError("give chunks or nbytes, not both")
@@ -163,7 +165,7 @@ class ChunkCache(Generic[K, V]):
         value = self.get(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
-        return value
+        return value  # type: ignore[return-value]
 
     def __setitem__(self, key: K, value: V) -> None:
         self.put(key, value)

@@ -178,9 +178,7 @@ def _relative_to_mount(mount: Mount, cgroup_path: str) -> str:
     return os.path.join(mount.mount_point, cgroup_path.lstrip("/"))
 
 
-def locate_memory_cgroup(
-    proc_cgroup: str, mountinfo: str
-) -> tuple[CgroupVersion, str] | None:
+def locate_memory_cgroup(proc_cgroup: str, mountinfo: str) -> tuple[CgroupVersion, str] | None:
     """Find the directory of the memory cgroup from the two /proc files' text.
 
     Prefers the v1 memory controller when it is bound (as on this project's machines), else

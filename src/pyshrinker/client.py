@@ -420,7 +420,9 @@ class Shrinker:
             freed = self._reclaim(asked)
         except Exception:
             self._callback_errors += 1
-            log.exception("%s: reclaim(%d) raised; re-adding all %d chunks", self.name, asked, asked)
+            log.exception(
+                "%s: reclaim(%d) raised; re-adding all %d chunks", self.name, asked, asked
+            )
             return 0
         if isinstance(freed, bool) or not isinstance(freed, int) or freed < 0:
             self._callback_errors += 1

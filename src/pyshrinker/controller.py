@@ -425,7 +425,7 @@ class Controller:
                 nbytes, [policy.Holding(r.count, r.chunk_size, r.cost) for r in regs]
             )
             sent: list[ShrinkRequest] = []
-            for reg, chunks in zip(regs, asked):
+            for reg, chunks in zip(regs, asked, strict=True):
                 sent.extend(self._signal(reg, chunks, reason))
         self._run_hooks(sent)
         return {r.key: r.chunks for r in sent}

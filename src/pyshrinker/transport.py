@@ -4,8 +4,8 @@ Every transport carries the same four things the mempressure ABI carries: regist
 with a chunk size (and cost), report ``+N``/``-N`` chunks, register an eventfd for a level, and
 unregister. Requests always come back the same way: a number on the client's eventfd.
 
-* :class:`EmbeddedTransport` (the default) hands them to a :class:`~pyshrinker.controller.Controller`
-  in this process: no files, no daemon, nothing to set up.
+* :class:`EmbeddedTransport` (the default) hands them to a
+  :class:`~pyshrinker.controller.Controller` in this process: no files, no daemon, no setup.
 
 .. versionadded:: 0.1.0
 """

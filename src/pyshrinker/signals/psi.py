@@ -182,7 +182,8 @@ class PsiTrigger:
 
     def describe(self) -> str:
         note = " (window widened: unprivileged)" if self.widened else ""
-        return f"PSI trigger '{self.kind.value} {self.stall_us} {self.window_us}'{note} on {self.path}"
+        spec = f"{self.kind.value} {self.stall_us} {self.window_us}"
+        return f"PSI trigger '{spec}'{note} on {self.path}"
 
     def close(self) -> None:
         if self.fd >= 0:
