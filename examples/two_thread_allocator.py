@@ -19,6 +19,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "readded_chunks": stats.chunks_readded if stats else 0,
         "seconds": round(seconds, 4),
         "alloc_mib_per_s": round(allocated / (1 << 20) / seconds, 1) if seconds else 0.0,
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "pid": os.getpid(),
         "threads": threading.active_count(),
     }

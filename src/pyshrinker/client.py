@@ -258,6 +258,7 @@ class Shrinker:
     _chunks_freed: int = attrs.field(default=0, alias="chunks_freed")
     _chunks_readded: int = attrs.field(default=0, alias="chunks_readded")
     _callback_errors: int = attrs.field(default=0, alias="callback_errors")
+    _absurd_requests: int = attrs.field(default=0, alias="absurd_requests")
     _last_reaction_s: float = attrs.field(default=0.0, alias="last_reaction_s")
 
     @classmethod
@@ -384,19 +385,18 @@ class Shrinker:
                 return
             self.flush()
             with self._lock:
-                # The controller subtracted what it asked, and it can never ask more than the
-                # count it had, which is at most what we reported. More than that is absurd
-                # (a stray writer): handle what could be real, re-add nothing for the rest.
-                believable = max(0, self._reported)
-                if asked > believable:
-                    log.warning(
-                        "%s: request for %d chunks exceeds the %d reported; treating as %d",
+                # The controller subtracted what it asked, and it never asks more than the count
+                # it had, which is at most what we reported. More than that is absurd (a stray
+                # writer on our eventfd): refuse it whole rather than drop entries for garbage.
+                if asked > max(0, self._reported):
+                    log.error(
+                        "%s: absurd request for %d chunks (only %d reported): ignored",
                         self.name,
                         asked,
-                        believable,
-                        believable,
+                        self._reported,
                     )
-                    asked = believable
+                    self._absurd_requests += 1
+                    return
                 self._reported -= asked
             if asked == 0:
                 return

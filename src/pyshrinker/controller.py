@@ -84,7 +84,7 @@ class ControllerConfig:
     #: Pin glibc's mmap threshold on start so freed large blocks go back to the kernel.
     pin_mmap_threshold: bool = True
     #: Growth rate (bytes/s) assumed when polling adaptively.
-    growth_rate: float = 1024 * policy.MiB
+    growth_rate: float = 4096 * policy.MiB
     #: Bounds of the adaptive polling interval, in seconds.
     shortest_poll: float = 0.001
     #: Polling interval above the high watermark when usage thresholds also notify.

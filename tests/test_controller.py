@@ -1,0 +1,410 @@
+"""The controller: registry, requests, proportional sharing, watermarks, escalation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+
+import pytest
+
+from pyshrinker import AbiError, ClosedError, Level
+from pyshrinker._syscalls import EventfdFlag, eventfd, eventfd_read
+from pyshrinker.cgroup import CgroupV1
+from pyshrinker.controller import Controller, ControllerConfig, parse_size
+from pyshrinker.policy import Watermarks
+
+from .helpers import ScriptedMemory, private_controller
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def efds():
+    """Factory of non-blocking eventfds, closed after the test."""
+    made: list[int] = []
+
+    def make() -> int:
+        fd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        os.close(fd)
+
+
+def read_counter(fd: int) -> int:
+    try:
+        return eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class TestRegistry:
+    """Registration and the +N/-N accounting of the ABI."""
+
+    def test_counts_follow_reports(self, efds):
+        """Positive reports add, negative ones remove."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 10)
+        c.report(fd, -3)
+        assert c.count(fd) == 7
+
+    def test_count_never_below_zero(self, efds):
+        """Removing more than is held leaves the count at 0."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 2)
+        c.report(fd, -5)
+        assert c.count(fd) == 0
+
+    def test_deficit_paid_back_by_readd(self, efds):
+        """Frees that raced an in-flight request are paid back by the re-add that follows."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 10)
+        assert c.request(fd, 5) == 5  # count 5, client still holds 10
+        c.report(fd, -8)  # client frees 8 on its own: really holds 2, count floored at 0
+        c.report(fd, 3)  # reclaim(5) freed 2, re-adds 3
+        assert c.count(fd) == 0
+        c.report(fd, 1)
+        assert c.count(fd) == 1
+
+    def test_deficit_without_requests_is_not_kept(self, efds):
+        """Without requests in flight a client cannot owe chunks: over-frees are just floored."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, -4)
+        c.report(fd, 4)
+        assert c.count(fd) == 4
+
+    @pytest.mark.parametrize("size", [0, -1, -4096, 2**41, 1.5, True])
+    def test_bad_chunk_size(self, efds, size):
+        """Chunk sizes that are not a positive int of at most 1 TiB are refused."""
+        c = Controller.create(None)
+        fd = efds()
+        with pytest.raises(AbiError):
+            c.register(fd, fd, size)
+        with pytest.raises(ValueError):  # AbiError is a ValueError too
+            c.register(fd, fd, size)
+
+    @pytest.mark.parametrize("cost", [0, -1.0, float("inf"), float("nan")])
+    def test_bad_cost(self, efds, cost):
+        """Costs must be finite and positive."""
+        c = Controller.create(None)
+        fd = efds()
+        with pytest.raises(AbiError):
+            c.register(fd, fd, 4096, cost)
+
+    def test_duplicate_and_unknown(self, efds):
+        """A key registers once; reports to unknown keys are errors."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        with pytest.raises(AbiError):
+            c.register(fd, fd, 4096)
+        with pytest.raises(AbiError):
+            c.report(fd + 1000, 1)
+        c.unregister(fd)
+        with pytest.raises(AbiError):
+            c.report(fd, 1)
+
+    def test_closed_controller_refuses(self, efds):
+        """After close, registration raises ClosedError; close is idempotent."""
+        c = Controller.create(None).start()
+        c.close()
+        c.close()
+        fd = efds()
+        with pytest.raises(ClosedError):
+            c.register(fd, fd, 4096)
+
+
+class TestRequests:
+    """Subtract, then signal: the proposal's request."""
+
+    def test_request_subtracts_and_signals(self, efds):
+        """The eventfd carries the number of chunks; the count already lost them."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 10)
+        assert c.request(fd, 4) == 4
+        assert c.count(fd) == 6
+        assert read_counter(fd) == 4
+        assert [r.chunks for r in c.history()] == [4]
+
+    def test_request_capped_at_count(self, efds):
+        """A request larger than the holdings asks only what is held."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 3)
+        assert c.request(fd, 100) == 3
+        assert read_counter(fd) == 3
+        assert c.request(fd, 1) == 0
+        assert read_counter(fd) == 0
+
+    def test_unregistered_fd_never_written(self, efds):
+        """After unregister, shrink() writes nothing to the old fd."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 10)
+        c.unregister(fd)
+        assert c.shrink(10 * 4096) == {}
+        assert read_counter(fd) == 0
+
+    def test_shrink_in_proportion_to_bytes_over_cost(self, efds):
+        """Two shrinkers of different chunk sizes and costs are asked held/cost in proportion."""
+        c = Controller.create(None)
+        a, b = efds(), efds()
+        c.register(a, a, 4096, cost=1.0)
+        c.register(b, b, 65536, cost=2.0)
+        c.report(a, 10_000)  # ~39 MiB
+        c.report(b, 1_000)  # ~62 MiB at cost 2 -> weight ~31 MiB
+        asked = c.shrink(20 * MiB)
+        bytes_a, bytes_b = asked[a] * 4096, asked[b] * 65536
+        weight_a, weight_b = 10_000 * 4096 / 1.0, 1_000 * 65536 / 2.0
+        assert bytes_a / bytes_b == pytest.approx(weight_a / weight_b, rel=0.02)
+        assert bytes_a + bytes_b >= 20 * MiB
+        # Chunk counts asked are in proportion to holdings times weight (1/cost).
+        assert (asked[a] / 10_000) / (asked[b] / 1_000) == pytest.approx(2.0, rel=0.03)
+
+    def test_not_first_come_first_asked(self, efds):
+        """Unlike the proposal, the first registered shrinker is not drained first."""
+        c = Controller.create(None)
+        a, b = efds(), efds()
+        c.register(a, a, 4096)
+        c.register(b, b, 4096)
+        c.report(a, 1000)
+        c.report(b, 1000)
+        asked = c.shrink(400 * 4096)
+        assert asked == {a: 200, b: 200}
+
+    def test_hooks_run_and_errors_are_logged(self, efds, caplog):
+        """Request hooks see each request; one that raises does not stop the others."""
+        c = Controller.create(None)
+        fd = efds()
+        c.register(fd, fd, 4096)
+        c.report(fd, 10)
+        seen = []
+
+        def bad(_request):
+            raise RuntimeError("hook failed")
+
+        c.add_request_hook(bad)
+        c.add_request_hook(seen.append)
+        with caplog.at_level(logging.ERROR):
+            c.request(fd, 2)
+        assert [r.chunks for r in seen] == [2]
+        assert "hook failed" in caplog.text
+
+    def test_broken_fd_drops_registration(self, efds):
+        """A shrinker whose eventfd cannot be written is dropped, not retried forever."""
+        c = Controller.create(None)
+        r, w = os.pipe()
+        os.close(w)
+        try:
+            c.register("gone", r, 4096)  # a read-only pipe end: writes fail with EBADF
+            c.report("gone", 5)
+            assert c.request("gone", 1) == 0
+            assert c.shrinkers() == []
+        finally:
+            os.close(r)
+
+
+class TestLevels:
+    """Level listeners hear their level and those above."""
+
+    def test_listeners_hear_their_level_and_above(self, efds):
+        """A MEDIUM event reaches LOW and MEDIUM listeners, not OOM ones."""
+        c = Controller.create(None)
+        low, medium, oom = efds(), efds(), efds()
+        c.register_level(low, low, Level.LOW)
+        c.register_level(medium, medium, Level.MEDIUM)
+        c.register_level(oom, oom, Level.OOM)
+        assert c.notify_level(Level.MEDIUM) == 2
+        assert (read_counter(low), read_counter(medium), read_counter(oom)) == (1, 1, 0)
+
+
+class TestEvaluate:
+    """Watermarks, in-flight requests and escalation, on scripted readings."""
+
+    def make(self, efds, *, limit=256 * MiB, **config):
+        memory = ScriptedMemory.with_limit(limit)
+        c = Controller.create(memory, config=ControllerConfig(**config))
+        c._rewatermark()
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, 1000)
+        return c, memory, fd
+
+    def test_nothing_below_high(self, efds):
+        """Below the high watermark nothing is asked."""
+        c, memory, fd = self.make(efds)
+        memory.set(200 * MiB)
+        c.evaluate()
+        assert read_counter(fd) == 0
+
+    def test_down_to_low_watermark(self, efds):
+        """At the high watermark, enough is asked to reach the low one."""
+        c, memory, fd = self.make(efds)
+        marks = Watermarks.for_limit(256 * MiB)
+        memory.set(marks.high + 5 * MiB)
+        c.evaluate()
+        asked = read_counter(fd)
+        assert asked * MiB >= marks.high + 5 * MiB - marks.low
+        assert asked * MiB < marks.high + 5 * MiB - marks.low + MiB
+
+    def test_in_flight_not_asked_twice(self, efds):
+        """A request still in flight is not asked again; once usage drops it no longer counts."""
+        c, memory, fd = self.make(efds, grace=60.0)
+        marks = Watermarks.for_limit(256 * MiB)
+        memory.set(marks.high + MiB)
+        c.evaluate()
+        assert read_counter(fd) > 0
+        c.evaluate()
+        assert read_counter(fd) == 0
+        memory.set(marks.high)  # dropped below the reading at request time: client acted
+        c.evaluate()
+        assert read_counter(fd) == (marks.high - marks.low) // MiB
+
+    def test_escalation_levels_gc_and_trim(self, efds, monkeypatch):
+        """Memory stuck above the watermark: medium, then gc + malloc_trim + oom."""
+        c, memory, _ = self.make(efds, escalate_after=0.0, grace=0.0)
+        levels = {lvl: efds() for lvl in Level}
+        for lvl, lfd in levels.items():
+            c.register_level(("level", lvl), lfd, lvl)
+        collected = []
+        monkeypatch.setattr("pyshrinker.controller.gc.collect", lambda: collected.append(1))
+        memory.set(255 * MiB)
+        c.evaluate()  # episode starts: LOW, then step 1: MEDIUM
+        assert read_counter(levels[Level.LOW]) >= 1
+        assert read_counter(levels[Level.MEDIUM]) == 1
+        assert read_counter(levels[Level.OOM]) == 0
+        c.evaluate()  # step 2: gc, trim, OOM
+        assert collected == [1]
+        assert read_counter(levels[Level.OOM]) == 1
+        for _ in range(5):
+            c.evaluate()
+        assert len(collected) <= 2  # bounded by max_escalation
+        memory.set(10 * MiB)  # episode over
+        c.evaluate()
+        assert c._episode_step == 0
+
+    def test_no_limit_asks_nothing(self, efds):
+        """Without a limit there are no watermarks."""
+        memory = ScriptedMemory(
+            ScriptedMemory.with_limit(MiB).version, "scripted"
+        )  # limit None by default
+        c = Controller.create(memory)
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, 10)
+        c.evaluate()
+        assert read_counter(fd) == 0
+
+
+class TestThread:
+    """The background thread reacts to readings and stops cleanly."""
+
+    def test_polls_budget_like_source_and_asks(self, efds):
+        """With no notifier, adaptive polling notices memory crossing the watermark."""
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set=10 * MiB)
+        with private_controller(memory) as (c, _):
+            fd = efds()
+            c.register(fd, fd, MiB)
+            c.report(fd, 100)
+            memory.set(250 * MiB)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            assert poller.poll(5000), "controller never asked"
+            assert read_counter(fd) > 0
+
+    def test_close_joins_thread(self):
+        """close() joins the controller thread and is idempotent."""
+        c = Controller.create(ScriptedMemory.with_limit(MiB * 256)).start()
+        thread = c._thread
+        c.close()
+        c.close()
+        assert thread is not None and not thread.is_alive()
+
+
+class TestParseSize:
+    """Sizes as people write them."""
+
+    @pytest.mark.parametrize(
+        ("text", "value"),
+        [("8G", 8 << 30), ("256M", 256 << 20), ("512KiB", 512 << 10), ("100", 100), ("1.5K", 1536)],
+    )
+    def test_sizes(self, text, value):
+        """Suffixes are powers of 1024."""
+        assert parse_size(text) == value
+
+    @pytest.mark.parametrize("text", ["", "G", "-1M", "lots", "8X"])
+    def test_bad_sizes(self, text):
+        """Anything else is a ValueError."""
+        with pytest.raises(ValueError):
+            parse_size(text)
+
+
+class TestRealCgroup:
+    """The controller on a real v1 group: thresholds drive requests; removal loses nothing."""
+
+    def test_threshold_in_real_group_drives_request(self, v1_group, efds):
+        """A child filling a real group past the high watermark makes the controller ask us."""
+        group = v1_group(64 * MiB)
+        c = Controller.create(CgroupV1.open(group.path))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, 100)
+        c.start()
+        child = group.spawn(
+            [
+                "python3",
+                "-c",
+                "import time; b = bytearray(60 << 20); print('ok', flush=True); time.sleep(60)",
+            ]
+        )
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            assert poller.poll(10_000), "no request after the group crossed its watermark"
+            assert read_counter(fd) > 0
+            assert any(r.reason == "usage threshold" for r in c.history())
+        finally:
+            child.kill()
+            child.wait()
+            c.close()
+
+    def test_removed_cgroup_while_listening(self, v1_group, efds, caplog):
+        """Removing the watched group is logged; registrations and counts survive."""
+        group = v1_group(64 * MiB)
+        c = Controller.create(CgroupV1.open(group.path))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, 7)
+        c.start()
+        try:
+            with caplog.at_level(logging.ERROR, logger="pyshrinker.controller"):
+                group.remove()  # the kernel signals every registered eventfd on removal
+                deadline = time.monotonic() + 5
+                while "memory cgroup gone" not in caplog.text and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            assert "memory cgroup gone" in caplog.text
+            assert c.count(fd) == 7
+            c.report(fd, 1)
+            assert c.request(fd, 3) == 3
+            assert c.count(fd) == 5
+            assert c._thread is not None and c._thread.is_alive()
+            # It moved on to the cgroup this process is really in.
+            assert c.memory is None or c.memory.path != group.path
+        finally:
+            c.close()
