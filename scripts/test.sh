@@ -7,4 +7,5 @@ bash scripts/setup.sh
 export PYSHRINKER_REQUIRE_KERNEL="${PYSHRINKER_REQUIRE_KERNEL:-1}"
 .venv/bin/python -m ruff check src tests examples benchmarks
 .venv/bin/python -m mypy
+.venv/bin/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 exec .venv/bin/python -m pytest "$@"
