@@ -123,6 +123,9 @@ def validate_cost(cost: float) -> float:
     return float(cost)
 
 
+_FLOAT_CHARS = "0123456789+-.eE"
+
+
 def _tokens(line: bytes | str) -> list[str]:
     if isinstance(line, bytes):
         if len(line) > MAX_LINE:
@@ -133,6 +136,8 @@ def _tokens(line: bytes | str) -> list[str]:
             raise AbiError("line is not ASCII") from None
     if len(line) > MAX_LINE:
         raise AbiError(f"line longer than {MAX_LINE} bytes")
+    if not line.isascii():
+        raise AbiError("line is not ASCII")
     # One line per write; a trailing newline (and the NUL some writers add) is allowed.
     body = line.rstrip("\x00").rstrip("\n")
     if "\n" in body or "\x00" in body:
@@ -153,6 +158,9 @@ def parse_event_control(line: bytes | str) -> RegisterShrinker | RegisterLevel:
         cost = 1.0
         if len(tokens) == 4:
             try:
+                # float() also takes "1_0"; only plain decimal notation is allowed here.
+                if tokens[3].strip(_FLOAT_CHARS):
+                    raise ValueError(tokens[3])
                 cost = float(tokens[3])
             except ValueError:
                 raise AbiError(f"cost must be a number, got {tokens[3]!r}") from None

@@ -123,6 +123,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         try:
             sep = fields.index("-")
+            if sep < 6:  # id, parent, dev, root, mount point, options come first
+                raise ValueError(raw)
             root, mount_point = fields[3], fields[4]
             fs_type, super_options = fields[sep + 1], fields[sep + 3]
         except (ValueError, IndexError):
@@ -175,7 +177,9 @@ def _relative_to_mount(mount: Mount, cgroup_path: str) -> str:
     root = mount.root.rstrip("/")
     if root and (cgroup_path == root or cgroup_path.startswith(root + "/")):
         cgroup_path = cgroup_path[len(root) :]
-    return os.path.join(mount.mount_point, cgroup_path.lstrip("/"))
+    rest = cgroup_path.lstrip("/")
+    # The group at the mount's root is the mount point itself (no trailing slash).
+    return os.path.join(mount.mount_point, rest) if rest else mount.mount_point
 
 
 def locate_memory_cgroup(proc_cgroup: str, mountinfo: str) -> tuple[CgroupVersion, str] | None:

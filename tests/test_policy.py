@@ -1,0 +1,317 @@
+"""The reclaim policy: watermarks, how much to free, how often to look, and who gives what."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from pyshrinker.policy import (
+    MIN_HEADROOM,
+    Holding,
+    MiB,
+    Watermarks,
+    bytes_to_free,
+    poll_interval,
+    share,
+)
+
+from .strategies import byte_counts, holdings, limits, share_cases
+
+GiB = 1 << 30
+
+
+class TestWatermarks:
+    """Watermarks.for_limit."""
+
+    def test_default_is_an_eighth_of_the_limit(self) -> None:
+        """By default the headroom is 12.5 % of a large limit."""
+        marks = Watermarks.for_limit(1 * GiB)
+        assert marks == Watermarks(limit=GiB, high=GiB - 128 * MiB, low=GiB - 256 * MiB)
+
+    def test_default_at_least_min_headroom(self) -> None:
+        """A 32 MiB limit gets the 8 MiB minimum, not 4 MiB."""
+        marks = Watermarks.for_limit(32 * MiB)
+        assert marks.high == 24 * MiB
+        assert marks.low == 16 * MiB
+        assert 8 * MiB == MIN_HEADROOM
+
+    def test_default_at_most_a_quarter(self) -> None:
+        """A 16 MiB limit gets a quarter (4 MiB), since 8 MiB would leave nothing."""
+        marks = Watermarks.for_limit(16 * MiB)
+        assert marks.high == 12 * MiB
+        assert marks.low == 8 * MiB
+
+    def test_tiny_limit(self) -> None:
+        """Even a 1-byte limit gives ordered, non-negative marks."""
+        marks = Watermarks.for_limit(1)
+        assert marks == Watermarks(limit=1, high=0, low=0)
+
+    def test_int_headroom_is_bytes(self) -> None:
+        """An int headroom is a number of bytes."""
+        marks = Watermarks.for_limit(100 * MiB, 10 * MiB)
+        assert marks.high == 90 * MiB
+        assert marks.low == 80 * MiB
+
+    def test_float_headroom_is_a_fraction(self) -> None:
+        """A float headroom is a fraction of the limit."""
+        marks = Watermarks.for_limit(100 * MiB, 0.25)
+        assert marks.high == 75 * MiB
+        assert marks.low == 50 * MiB
+
+    def test_largest_int_headroom(self) -> None:
+        """Headroom just under half the limit is accepted, low stays >= 0."""
+        marks = Watermarks.for_limit(100, 49)
+        assert marks == Watermarks(limit=100, high=51, low=2)
+
+    @pytest.mark.parametrize("limit", [0, -1, -GiB])
+    def test_limit_must_be_positive(self, limit: int) -> None:
+        """A zero or negative limit is a ValueError."""
+        with pytest.raises(ValueError, match="limit"):
+            Watermarks.for_limit(limit)
+
+    @pytest.mark.parametrize("headroom", [0.0, 0.5, 0.75, 1.0, -0.1, float("nan")])
+    def test_bad_fraction(self, headroom: float) -> None:
+        """A fraction outside (0, 0.5) is a ValueError."""
+        with pytest.raises(ValueError, match="fraction"):
+            Watermarks.for_limit(GiB, headroom)
+
+    @pytest.mark.parametrize("headroom", [0, -1, 50 * MiB, 100 * MiB, 200 * MiB])
+    def test_bad_bytes(self, headroom: int) -> None:
+        """A byte headroom outside 1..limit/2-1 is a ValueError."""
+        with pytest.raises(ValueError, match="headroom"):
+            Watermarks.for_limit(100 * MiB, headroom)
+
+    @given(limit=st.integers(1, 1 << 46))
+    def test_default_order(self, limit: int) -> None:
+        """Default marks are ordered: 0 <= low <= high < limit, same gap on both sides."""
+        marks = Watermarks.for_limit(limit)
+        assert 0 <= marks.low <= marks.high < marks.limit == limit
+        room = limit - marks.high
+        assert room <= max(1, limit // 4)
+        if marks.low > 0:
+            assert marks.high - marks.low == room
+
+    @given(limit=limits, fraction=st.floats(0.001, 0.499))
+    def test_fraction_order(self, limit: int, fraction: float) -> None:
+        """Fractional headroom gives ordered marks about fraction * limit apart."""
+        marks = Watermarks.for_limit(limit, fraction)
+        assert 0 <= marks.low <= marks.high < limit
+        assert abs((limit - marks.high) - limit * fraction) <= 1
+
+
+class TestBytesToFree:
+    """bytes_to_free: down to the low watermark once the high one is reached."""
+
+    marks = Watermarks(limit=100 * MiB, high=80 * MiB, low=60 * MiB)
+
+    def test_below_high(self) -> None:
+        """Under the high watermark nothing is asked, even above low."""
+        assert bytes_to_free(80 * MiB - 1, self.marks) == 0
+        assert bytes_to_free(70 * MiB, self.marks) == 0
+        assert bytes_to_free(0, self.marks) == 0
+
+    def test_at_high(self) -> None:
+        """At the high watermark, ask for the whole hysteresis gap."""
+        assert bytes_to_free(80 * MiB, self.marks) == 20 * MiB
+
+    def test_over_limit(self) -> None:
+        """Past the limit, ask for everything above low."""
+        assert bytes_to_free(120 * MiB, self.marks) == 60 * MiB
+
+    def test_in_flight_subtracted(self) -> None:
+        """What was asked and not yet freed is not asked again."""
+        assert bytes_to_free(90 * MiB, self.marks, in_flight=10 * MiB) == 20 * MiB
+
+    def test_in_flight_covers_all(self) -> None:
+        """Never negative when more is in flight than needed."""
+        assert bytes_to_free(90 * MiB, self.marks, in_flight=100 * MiB) == 0
+
+    @given(working_set=byte_counts, in_flight=byte_counts, limit=limits)
+    def test_properties(self, working_set: int, in_flight: int, limit: int) -> None:
+        """Never negative; freeing the answer plus in-flight reaches the low watermark."""
+        marks = Watermarks.for_limit(limit)
+        need = bytes_to_free(working_set, marks, in_flight)
+        assert need >= 0
+        if working_set < marks.high:
+            assert need == 0
+        else:
+            assert working_set - need - in_flight <= marks.low
+            assert need <= working_set - marks.low
+
+
+class TestPollInterval:
+    """poll_interval: often near the high watermark, rarely far from it."""
+
+    marks = Watermarks.for_limit(1 * GiB)
+
+    def test_at_or_over_high(self) -> None:
+        """At or over the high watermark, read as often as allowed."""
+        assert poll_interval(self.marks.high, self.marks) == 0.002
+        assert poll_interval(self.marks.limit * 2, self.marks, shortest=0.01) == 0.01
+
+    def test_far_is_longest(self) -> None:
+        """With nothing used and a slow growth rate, wait the longest interval."""
+        assert poll_interval(0, self.marks, growth_rate=1.0, longest=0.5) == 0.5
+
+    def test_half_the_distance(self) -> None:
+        """In between, half the time needed to reach the high watermark at growth_rate."""
+        ws = self.marks.high - 200 * MiB
+        assert poll_interval(ws, self.marks, growth_rate=1024 * MiB) == pytest.approx(
+            200 / 1024 / 2
+        )
+
+    @given(
+        a=byte_counts,
+        b=byte_counts,
+        limit=limits,
+        rate=st.floats(1.0, 1e12),
+    )
+    def test_monotonic_and_bounded(self, a: int, b: int, limit: int, rate: float) -> None:
+        """Closer to the high watermark never means waiting longer; always within bounds."""
+        marks = Watermarks.for_limit(limit)
+        near, far = max(a, b), min(a, b)
+        t_near = poll_interval(near, marks, growth_rate=rate)
+        t_far = poll_interval(far, marks, growth_rate=rate)
+        assert 0.002 <= t_near <= t_far <= 1.0
+
+
+def _bytes(asked: list[int], held: list[Holding]) -> int:
+    return sum(n * h.chunk_size for n, h in zip(asked, held, strict=True))
+
+
+class TestShareExamples:
+    """share() on hand-worked cases."""
+
+    def test_nothing_needed(self) -> None:
+        """need <= 0 asks nothing of anyone."""
+        held = [Holding(10, 4096), Holding(5, 4096)]
+        assert share(0, held) == [0, 0]
+        assert share(-4096, held) == [0, 0]
+
+    def test_no_shrinkers(self) -> None:
+        """No shrinkers: an empty answer."""
+        assert share(MiB, []) == []
+
+    def test_equal_split(self) -> None:
+        """Two equal shrinkers share a request equally."""
+        held = [Holding(100, MiB), Holding(100, MiB)]
+        assert share(10 * MiB, held) == [5, 5]
+
+    def test_proportional_to_bytes_held(self) -> None:
+        """Bytes asked follow bytes held, whatever the chunk size."""
+        held = [Holding(300, MiB), Holding(100 * 256, 4096)]  # 300 MiB and 100 MiB
+        assert share(40 * MiB, held) == [30, 10 * 256]
+
+    def test_cost_divides(self) -> None:
+        """A shrinker twice as costly to rebuild gives half as much."""
+        held = [Holding(100, MiB, cost=1.0), Holding(100, MiB, cost=2.0)]
+        assert share(30 * MiB, held) == [20, 10]
+
+    def test_rounds_up_to_a_chunk(self) -> None:
+        """A request smaller than a chunk still asks one chunk."""
+        assert share(1, [Holding(10, MiB)]) == [1]
+
+    def test_capped_shrinker_rest_goes_to_others(self) -> None:
+        """A small shrinker gives all it has; the others cover the rest."""
+        # Weights 200, 100, 100: the first's share (26 MiB) exceeds its 2 MiB.
+        held = [Holding(2, MiB, cost=0.01), Holding(100, MiB), Holding(100, MiB)]
+        assert share(52 * MiB, held) == [2, 25, 25]
+
+    def test_zero_count_asked_nothing(self) -> None:
+        """An empty shrinker is asked nothing, even when nothing else suffices."""
+        held = [Holding(0, MiB), Holding(4, MiB)]
+        assert share(100 * MiB, held) == [0, 4]
+
+    def test_everything_when_short(self) -> None:
+        """When need exceeds all holdings, everything is asked."""
+        held = [Holding(3, 4096, 4.0), Holding(7, MiB, 0.5)]
+        assert share(GiB, held) == [3, 7]
+
+
+class TestShareProperties:
+    """share() properties over random holdings (tests/strategies.py)."""
+
+    @given(share_cases())
+    def test_shape_and_bounds(self, case: tuple[int, list[Holding]]) -> None:
+        """One answer per shrinker, each between 0 and its count."""
+        need, held = case
+        asked = share(need, held)
+        assert len(asked) == len(held)
+        for n, h in zip(asked, held, strict=True):
+            assert isinstance(n, int)
+            assert 0 <= n <= h.count
+
+    @given(share_cases())
+    def test_zero_count_asked_nothing(self, case: tuple[int, list[Holding]]) -> None:
+        """Shrinkers holding nothing are asked nothing."""
+        need, held = case
+        for n, h in zip(share(need, held), held, strict=True):
+            if h.count == 0:
+                assert n == 0
+
+    @given(share_cases())
+    def test_covers_need(self, case: tuple[int, list[Holding]]) -> None:
+        """Enough is asked when enough is held; everything when not."""
+        need, held = case
+        asked = share(need, held)
+        total = _bytes([h.count for h in held], held)
+        if need <= 0:
+            assert asked == [0] * len(held)
+        elif total >= need:
+            assert _bytes(asked, held) >= need
+        else:
+            assert asked == [h.count for h in held]
+
+    @given(share_cases())
+    def test_not_much_more_than_need(self, case: tuple[int, list[Holding]]) -> None:
+        """Rounding up adds at most one chunk per shrinker asked something."""
+        need, held = case
+        assume(need > 0)
+        asked = share(need, held)
+        slack = sum(h.chunk_size for n, h in zip(asked, held, strict=True) if n > 0)
+        assert _bytes(asked, held) < need + slack
+
+    @given(share_cases())
+    def test_proportional_to_count_over_cost(self, case: tuple[int, list[Holding]]) -> None:
+        """Uncapped shrinkers are asked ceil(k * count / cost) chunks for one common k."""
+        need, held = case
+        asked = share(need, held)
+        # For every shrinker asked part of what it holds, k must lie in
+        # ((asked - 1) * cost / count, asked * cost / count]; the intervals must meet.
+        lower, upper = 0.0, float("inf")
+        for n, h in zip(asked, held, strict=True):
+            if 0 < n < h.count:
+                x = h.count / h.cost
+                lower = max(lower, (n - 1) / x)
+                upper = min(upper, n / x)
+        assert lower <= upper * (1 + 1e-9)
+        # Shrinkers asked everything had a share of at least count - 1 chunks at that k
+        # (capped, or rounded up to everything).
+        for n, h in zip(asked, held, strict=True):
+            if h.count > 0 and n == h.count and upper != float("inf"):
+                assert upper * h.count / h.cost > (h.count - 1) * (1 - 1e-9)
+
+    @given(share_cases())
+    def test_cheaper_gives_no_smaller_fraction(self, case: tuple[int, list[Holding]]) -> None:
+        """A cheaper shrinker never gives a smaller fraction of its count (up to one chunk)."""
+        need, held = case
+        asked = share(need, held)
+        for i, hi in enumerate(held):
+            for j, hj in enumerate(held):
+                if hi.count and hj.count and hi.cost <= hj.cost:
+                    assert asked[j] / hj.count <= asked[i] / hi.count + 1 / hj.count + 1e-9
+
+    @given(st.lists(holdings, min_size=1, max_size=6), st.integers(1, 1 << 40))
+    def test_adding_an_empty_shrinker_changes_nothing(self, held: list[Holding], need: int) -> None:
+        """An empty shrinker anywhere in the list leaves the others' answers alone."""
+        with_empty = [*held, Holding(0, 4096)]
+        assert share(need, with_empty) == [*share(need, held), 0]
+
+    @given(st.lists(holdings, min_size=1, max_size=6), st.integers(1, 1 << 40))
+    def test_order_does_not_matter(self, held: list[Holding], need: int) -> None:
+        """Unlike the 2013 proposal, registration order gives no one an advantage."""
+        forward = share(need, held)
+        backward = share(need, held[::-1])[::-1]
+        for a, b in zip(forward, backward, strict=True):
+            assert abs(a - b) <= 1
