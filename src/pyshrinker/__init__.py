@@ -9,6 +9,8 @@ kernel's real signals and decides how much to ask of whom.
 
 from __future__ import annotations
 
+import logging
+
 from pyshrinker.abi import Level
 from pyshrinker.cache import CacheStats, ChunkCache
 from pyshrinker.client import (
@@ -36,7 +38,12 @@ from pyshrinker.errors import (
     PyshrinkerError,
     UnsupportedError,
 )
+from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
 from pyshrinker.transport import EmbeddedTransport, Transport
+
+# A library stays quiet unless the application configures logging (and Python's last-resort
+# handler, which prints warnings to stderr when no handler exists, is not used).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
@@ -63,7 +70,9 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "default_controller",
+    "drop_on_oom",
     "parse_size",
     "settle",
     "subscribe_levels",
+    "trim_on_pressure",
 ]

@@ -24,14 +24,16 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.errors import ClosedError, PyshrinkerError
-from pyshrinker.transport import EmbeddedTransport, Transport
+from pyshrinker.transport import CONTROLLER_DIR_ENV, EmbeddedTransport, FilesTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ REACTION_SWITCH_INTERVAL: float | None = 0.001
 
 #: Reports are sent once this many bytes' worth of chunks are pending (at least one chunk).
 DEFAULT_BATCH_BYTES = 1 << 20
+
+#: Seconds after a level delivery during which lower levels alone belong to the same event.
+SAME_EVENT_WINDOW = 0.05
 
 #: Bumped in a forked child: objects from before the fork re-attach on next use.
 _generation = 0
@@ -187,6 +192,11 @@ def get_listener() -> Listener:
 
 
 def _default_transport() -> Transport:
+    # PYSHRINKER_CONTROLLER_DIR names a controller directory (pyshrinkerd's mount, or a kernel's
+    # cgroup with the proposal) for every shrinker of the process; else the embedded controller.
+    directory = os.environ.get(CONTROLLER_DIR_ENV)
+    if directory:
+        return FilesTransport.shared(directory)
     return EmbeddedTransport.default()
 
 
@@ -222,6 +232,81 @@ class ShrinkerStats:
 
 Reclaim = Callable[[int], int]
 
+_S = TypeVar("_S", bound="Shrinker")
+
+
+@attrs.frozen
+class RequestOutcome:
+    """One request a shrinker handled: what was asked, freed and given back, and how fast.
+
+    Passed to the functions added with :func:`add_request_observer`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: The shrinker that handled the request.
+    shrinker: Shrinker
+    #: Chunks the controller asked for.
+    asked: int
+    #: Chunks the callback said it freed (0 when it failed).
+    freed: int
+    #: Chunks given back to the controller because they were not freed.
+    readded: int
+    #: Seconds from reading the eventfd to the callback's return.
+    reaction_s: float
+    #: Whether the callback raised or returned something other than a count of chunks.
+    failed: bool
+
+
+_observers: tuple[Callable[[RequestOutcome], object], ...] = ()
+_observers_lock = threading.Lock()
+
+
+def add_request_observer(observer: Callable[[RequestOutcome], object]) -> None:
+    """Call ``observer(outcome)`` after every request any shrinker of this process handles.
+
+    It runs where the request was handled (the listener thread, or the event loop of an
+    :class:`~pyshrinker.aio.AsyncShrinker`), so it must be quick; an observer that raises is
+    logged. With no observer added, handling a request costs nothing more.
+
+    .. versionadded:: 0.1.0
+    """
+    global _observers
+    with _observers_lock:
+        _observers = (*_observers, observer)
+
+
+def remove_request_observer(observer: Callable[[RequestOutcome], object]) -> None:
+    """Stop calling ``observer``; nothing happens if it was not added.
+
+    .. versionadded:: 0.1.0
+    """
+    global _observers
+    with _observers_lock:
+        # Equality, not identity: each ``obj.method`` access makes a new bound method.
+        _observers = tuple(each for each in _observers if each != observer)
+
+
+def _tell_observers(outcome: RequestOutcome) -> None:
+    for observer in _observers:
+        try:
+            observer(outcome)
+        except Exception:
+            log.exception("request observer %r raised", observer)
+
+
+_live: weakref.WeakSet[Shrinker] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def live_shrinkers() -> list[Shrinker]:
+    """The shrinkers of this process that are registered and not closed.
+
+    .. versionadded:: 0.1.0
+    """
+    with _live_lock:
+        return [each for each in _live if not each._closed]
+
 
 @attrs.define(eq=False)
 class Shrinker:
@@ -241,7 +326,7 @@ class Shrinker:
     chunk_size: int
     cost: float
     name: str
-    _reclaim: Reclaim = attrs.field(alias="reclaim")
+    _reclaim: Callable[[int], object] = attrs.field(alias="reclaim")
     _transport: Transport = attrs.field(alias="transport")
     _transport_factory: Callable[[], Transport] | None = attrs.field(alias="transport_factory")
     _batch: int = attrs.field(alias="batch")
@@ -251,6 +336,9 @@ class Shrinker:
     _request_lock: threading.RLock = attrs.field(factory=threading.RLock, alias="request_lock")
     _pending: int = attrs.field(default=0, alias="pending")
     _reported: int = attrs.field(default=0, alias="reported")
+    # The most we reported since the last request was read: the controller can never have asked
+    # more than that (its count never exceeds what we reported), however our own frees raced it.
+    _peak_reported: int = attrs.field(default=0, alias="peak_reported")
     _generation: int = attrs.field(default=0, alias="generation")
     _closed: bool = attrs.field(default=False, alias="closed")
     _requests: int = attrs.field(default=0, alias="requests")
@@ -277,6 +365,26 @@ class Shrinker:
         ``cost`` is the relative cost to rebuild a chunk (2 = asked half as much per byte held
         as a cost-1 shrinker). ``transport`` defaults to the embedded controller.
         """
+        return cls._create(
+            chunk_size,
+            reclaim,
+            cost=cost,
+            name=name,
+            transport=transport,
+            batch_bytes=batch_bytes,
+        )
+
+    @classmethod
+    def _create(
+        cls: type[_S],
+        chunk_size: int,
+        reclaim: Callable[[int], object],
+        *,
+        cost: float,
+        name: str | None,
+        transport: Transport | None,
+        batch_bytes: int,
+    ) -> _S:
         validate_chunk_size(chunk_size)
         validate_cost(cost)
         if not callable(reclaim):
@@ -294,6 +402,8 @@ class Shrinker:
             batch=max(1, batch_bytes // chunk_size),
         )
         shrinker._attach()
+        with _live_lock:
+            _live.add(shrinker)
         return shrinker
 
     def _attach(self) -> None:
@@ -305,8 +415,16 @@ class Shrinker:
             raise
         self._efd = efd
         self._generation = _generation
+        self._listen()
+
+    def _listen(self) -> None:
+        """Have requests on our eventfd handled (here: by the process's listener thread)."""
         self._listener = get_listener()
-        self._listener.add(efd, self._on_request)
+        self._listener.add(self._efd, self._on_request)
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.remove(self._efd)
 
     def _reattach_after_fork(self) -> None:
         # In a forked child the eventfd is shared with the parent and the parent's controller
@@ -317,7 +435,7 @@ class Shrinker:
             if self._transport_factory is not None:
                 self._transport = self._transport_factory()
             self._attach()
-            self._reported = 0
+            self._reported = self._peak_reported = 0
             self._pending = held
         self.flush()
 
@@ -342,8 +460,7 @@ class Shrinker:
             if -self._batch < self._pending < self._batch:
                 return
             pending, self._pending = self._pending, 0
-            self._reported += pending
-            self._transport.report(self._efd, pending)
+            self._send(pending)
 
     def flush(self) -> None:
         """Send pending reports now."""
@@ -351,8 +468,14 @@ class Shrinker:
             if self._closed or self._pending == 0:
                 return
             pending, self._pending = self._pending, 0
-            self._reported += pending
-            self._transport.report(self._efd, pending)
+            self._send(pending)
+
+    def _send(self, chunks: int) -> None:
+        # Called with self._lock held, so reports leave in the order the books changed.
+        self._reported += chunks
+        if self._reported > self._peak_reported:
+            self._peak_reported = self._reported
+        self._transport.report(self._efd, chunks)
 
     @property
     def held(self) -> int:
@@ -376,64 +499,99 @@ class Shrinker:
 
     def _on_request(self) -> None:
         with self._request_lock:
-            if self._closed:
+            taken = self._take_request()
+            if taken is None:
                 return
-            start = time.perf_counter()
-            try:
-                asked = eventfd_read(self._efd)
-            except BlockingIOError:
-                return
-            self.flush()
-            with self._lock:
-                # The controller subtracted what it asked, and it never asks more than the count
-                # it had, which is at most what we reported. More than that is absurd (a stray
-                # writer on our eventfd): refuse it whole rather than drop entries for garbage.
-                if asked > max(0, self._reported):
-                    log.error(
-                        "%s: absurd request for %d chunks (only %d reported): ignored",
-                        self.name,
-                        asked,
-                        self._reported,
-                    )
-                    self._absurd_requests += 1
-                    return
-                self._reported -= asked
-            if asked == 0:
-                return
-            self._requests += 1
-            self._chunks_requested += asked
-            freed = self._call_reclaim(asked)
-            self._last_reaction_s = time.perf_counter() - start
-            self._chunks_freed += freed
-            with self._lock:
-                if freed < asked:
-                    self._chunks_readded += asked - freed
-                    self._reported += asked - freed
-                    self._transport.report(self._efd, asked - freed)
-                elif freed > asked:
-                    # Freed whole entries beyond the request: those are our own frees.
-                    self._reported -= freed - asked
-                    self._transport.report(self._efd, -(freed - asked))
+            asked, start = taken
+            self._settle_request(asked, self._call_reclaim(asked), start)
 
-    def _call_reclaim(self, asked: int) -> int:
+    # The accounting of a request, shared with pyshrinker.aio.AsyncShrinker: take it off the
+    # books (_take_request), run the callback however it runs, then settle (_settle_request).
+
+    def _take_request(self) -> tuple[int, float] | None:
+        """Read a request and take it off the books: ``(chunks asked, start time)``, or None.
+
+        Pending reports are flushed first, so the books match what the controller counts. A
+        count larger than we ever reported is refused whole (logged) and so is None.
+        """
+        if self._closed:
+            return None
+        start = time.perf_counter()
         try:
-            freed = self._reclaim(asked)
+            asked = eventfd_read(self._efd)
+        except BlockingIOError:
+            return None
+        self.flush()
+        with self._lock:
+            # The controller subtracted what it asked, and it never asks more than the count
+            # it had, which is at most the most we reported since the last read (our own frees
+            # may have lowered the books since: the controller keeps that as a deficit that the
+            # re-add pays back). More than that is absurd (a stray writer on our eventfd):
+            # refuse it whole rather than drop entries for garbage.
+            if asked > max(0, self._peak_reported):
+                log.error(
+                    "%s: absurd request for %d chunks (at most %d reported): ignored",
+                    self.name,
+                    asked,
+                    self._peak_reported,
+                )
+                self._absurd_requests += 1
+                return None
+            self._reported -= asked
+            self._peak_reported = self._reported
+        if asked == 0:
+            return None
+        self._requests += 1
+        self._chunks_requested += asked
+        return asked, start
+
+    def _settle_request(self, asked: int, freed: int | None, start: float) -> None:
+        """Re-add what was not freed, report what was freed beyond the request.
+
+        ``freed`` is None when the callback failed: everything asked is re-added.
+        """
+        reaction = time.perf_counter() - start
+        self._last_reaction_s = reaction
+        counted = 0 if freed is None else freed
+        self._chunks_freed += counted
+        readded = 0
+        with self._lock:
+            if counted < asked:
+                readded = asked - counted
+                self._chunks_readded += readded
+                if not self._closed:
+                    self._send(readded)
+            elif counted > asked and not self._closed:
+                # Freed whole entries beyond the request: those are our own frees.
+                self._send(-(counted - asked))
+        if _observers:
+            _tell_observers(RequestOutcome(self, asked, counted, readded, reaction, freed is None))
+
+    def _call_reclaim(self, asked: int) -> int | None:
+        try:
+            result = self._reclaim(asked)
         except Exception:
-            self._callback_errors += 1
-            log.exception(
-                "%s: reclaim(%d) raised; re-adding all %d chunks", self.name, asked, asked
-            )
-            return 0
-        if isinstance(freed, bool) or not isinstance(freed, int) or freed < 0:
+            self._reclaim_raised(asked)
+            return None
+        return self._count_freed(asked, result)
+
+    def _reclaim_raised(self, asked: int) -> None:
+        """Log the exception being handled (call from ``except``); everything will be re-added."""
+        self._callback_errors += 1
+        log.exception("%s: reclaim(%d) raised; re-adding all %d chunks", self.name, asked, asked)
+
+    def _count_freed(self, asked: int, result: object) -> int | None:
+        """The callback's return value as a count of chunks freed; None if it is not one."""
+        if isinstance(result, bool) or not isinstance(result, int) or result < 0:
             self._callback_errors += 1
             log.error(
                 "%s: reclaim(%d) returned %r, not a count of chunks; counting 0 freed",
                 self.name,
                 asked,
-                freed,
+                result,
             )
-            return 0
-        return freed
+            return None
+        return result
 
     def close(self) -> None:
         """Unregister and close the eventfd; idempotent."""
@@ -442,12 +600,13 @@ class Shrinker:
                 if self._closed:
                     return
                 self._closed = True
+            with _live_lock:
+                _live.discard(self)
             if self._generation != _generation:
                 # A forked child's copy: the eventfd is the parent's registration.
                 os.close(self._efd)
                 return
-            if self._listener is not None:
-                self._listener.remove(self._efd)
+            self._stop_listening()
             try:
                 self._transport.unregister(self._efd)
             except PyshrinkerError as err:
@@ -490,6 +649,9 @@ class LevelSubscription:
     _listener: Listener | None = attrs.field(default=None, alias="listener")
     _lock: threading.RLock = attrs.field(factory=threading.RLock, alias="lock")
     _closed: bool = attrs.field(default=False, alias="closed")
+    _same_event: SameEventFilter = attrs.field(
+        factory=lambda: SameEventFilter(), alias="same_event"
+    )
     #: Events delivered so far.
     delivered: int = 0
 
@@ -499,14 +661,10 @@ class LevelSubscription:
         with self._lock:
             if self._closed:
                 return
-            heard: Level | None = None
-            for level, efd in self._efds.items():
-                try:
-                    if eventfd_read(efd) > 0:
-                        heard = level if heard is None else max(heard, level)
-                except BlockingIOError:
-                    pass
+            heard = _highest_signalled(self._efds)
             if heard is None:
+                return
+            if not self._same_event.accept(heard):
                 return
             self.delivered += 1
         try:
@@ -535,6 +693,47 @@ class LevelSubscription:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@attrs.define
+class SameEventFilter:
+    """Drops the lower-level tail of a level event already delivered.
+
+    The controller signals the highest level's eventfds first, then the lower ones; a wake-up
+    that finds only lower levels within :data:`SAME_EVENT_WINDOW` of a delivery is that event's
+    tail, not a new event.
+    """
+
+    last_level: Level | None = None
+    last_at: float = 0.0
+
+    def accept(self, heard: Level) -> bool:
+        """Whether ``heard`` is a new event to deliver."""
+        now = time.monotonic()
+        if (
+            self.last_level is not None
+            and heard < self.last_level
+            and now - self.last_at < SAME_EVENT_WINDOW
+        ):
+            return False
+        self.last_level, self.last_at = heard, now
+        return True
+
+
+def _highest_signalled(efds: dict[Level, int]) -> Level | None:
+    """Read (and reset) level eventfds; the highest level signalled, or None.
+
+    A level event signals every eventfd registered at that level or below, so the highest one
+    signalled is the level that happened.
+    """
+    heard: Level | None = None
+    for level, efd in efds.items():
+        try:
+            if eventfd_read(efd) > 0:
+                heard = level if heard is None else max(heard, level)
+        except BlockingIOError:
+            pass
+    return heard
 
 
 def subscribe_levels(
@@ -571,8 +770,12 @@ __all__ = [
     "EVENTFD_MAX",
     "LevelSubscription",
     "Listener",
+    "RequestOutcome",
     "Shrinker",
     "ShrinkerStats",
+    "add_request_observer",
+    "live_shrinkers",
+    "remove_request_observer",
     "settle",
     "subscribe_levels",
 ]

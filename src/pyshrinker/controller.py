@@ -53,10 +53,11 @@ from pyshrinker.cgroup import (
     memory_source_of,
     v2_group_of,
 )
-from pyshrinker.errors import AbiError, CgroupError, CgroupNotFound, ClosedError
+from pyshrinker.errors import AbiError, CgroupError, CgroupNotFound, ClosedError, PyshrinkerError
 from pyshrinker.signals import Notifier
 from pyshrinker.signals.budget import ProcessBudget
 from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiTrigger, StallKind
+from pyshrinker.signals.systemd import SystemdPressureWatch
 from pyshrinker.signals.v1 import OomNotifier, PressureLevel, UsageThreshold, V1Level
 from pyshrinker.signals.v2 import MemoryEventsWatcher
 
@@ -223,6 +224,10 @@ class Controller:
         memory = self.memory
         if not self.config.use_pressure_signals or memory is None:
             return
+        try:
+            self._notifiers.append(SystemdPressureWatch.from_environment())
+        except (PyshrinkerError, OSError, ValueError) as err:
+            self.unavailable["systemd"] = str(err)
         if isinstance(memory, CgroupV1):
             for level in (V1Level.LOW, V1Level.MEDIUM, V1Level.CRITICAL):
                 try:
@@ -467,7 +472,10 @@ class Controller:
         """Signal every listener registered at ``level`` or below; returns how many."""
         told = 0
         with self._lock:
-            for listener in list(self._levels.values()):
+            # Highest registered level first: a subscriber holding eventfds for several levels
+            # then finds the event's own level already signalled whichever fd wakes it.
+            ordered = sorted(self._levels.values(), key=lambda each: each.level, reverse=True)
+            for listener in ordered:
                 if listener.level <= level:
                     try:
                         eventfd_write(listener.fd, 1)

@@ -39,3 +39,31 @@ class AbiError(PyshrinkerError, ValueError):
 
 class ClosedError(PyshrinkerError, RuntimeError):
     """The object was used after ``close()``."""
+
+
+class TransportError(PyshrinkerError, OSError):
+    """A controller directory refused a line or could not be used; ``errno`` says why.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class TransportPermissionError(TransportError, PermissionError):
+    """The controller refused this process (EACCES, EPERM): not in its allowed users.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class ControllerNotFound(TransportError, FileNotFoundError):
+    """The controller directory (or one of its files) does not exist.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class ControllerGone(TransportError, ConnectionError):
+    """The controller behind the directory went away (ENOTCONN: its daemon died).
+
+    .. versionadded:: 0.1.0
+    """
