@@ -1,13 +1,10 @@
 """The mempressure proposal's example program, done right.
 
 Thread 1 registers a shrinker and allocates chunks (1 MiB by default, every page touched)
-forever, or until --total bytes or --duration seconds, reporting them as it goes (the Shrinker
-batches the reports). Thread 2 - pyshrinker's listener thread - waits on the eventfd and frees
-the oldest chunks, as many as the controller asks.
-
-Run it in a memory-limited cgroup and it allocates many times the limit without being
-OOM-killed; with --no-shrinker the same allocator is killed once it reaches the limit.
-The last line of output is one JSON object with the run's figures.
+forever, or until --total bytes or --duration seconds; thread 2 - pyshrinker's listener
+thread - frees the oldest chunks, as many as the controller asks. The last line of output is
+one JSON object with the run's figures. The program lives in :mod:`pyshrinker.allocator`
+(also runnable as ``python -m pyshrinker.allocator``); this script is kept for its old path.
 
     python examples/two_thread_allocator.py --total 8G
     python examples/two_thread_allocator.py --no-shrinker --total 8G
@@ -15,118 +12,9 @@ The last line of output is one JSON object with the run's figures.
 
 from __future__ import annotations
 
-import argparse
-import collections
-import json
-import os
-import resource
 import sys
-import threading
-import time
 
-from pyshrinker import Shrinker, default_controller, parse_size
-
-
-def _v1_cgroup_figures() -> dict[str, int]:
-    """memory.max_usage_in_bytes and oom_kill of our v1 group, when there is one."""
-    from pyshrinker.cgroup import CgroupV1, memory_source_of
-
-    try:
-        source = memory_source_of()
-    except Exception:
-        return {}
-    with source:
-        if not isinstance(source, CgroupV1):
-            return {}
-        return {
-            "cgroup_max_usage_bytes": source.max_usage(),
-            "cgroup_oom_kill": source.oom_control().get("oom_kill", 0),
-        }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chunk-size", default="1M", help="bytes per chunk (default 1M)")
-    parser.add_argument("--total", help="stop after allocating this much (e.g. 8G)")
-    parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    parser.add_argument("--no-shrinker", action="store_true", help="run with pyshrinker off")
-    parser.add_argument("--progress", type=float, default=0, help="print progress every N s")
-    args = parser.parse_args(argv)
-    try:
-        chunk_size = parse_size(args.chunk_size)
-        total = parse_size(args.total) if args.total else None
-    except ValueError as err:
-        parser.error(str(err))
-    if chunk_size <= 0:
-        parser.error("--chunk-size must be positive")
-
-    chunks: collections.deque[bytearray] = collections.deque()
-    freed = [0]
-
-    def reclaim(n: int) -> int:
-        # Thread 2: free the oldest chunks, as many as asked (fewer if we hold fewer).
-        done = 0
-        while done < n:
-            try:
-                chunks.popleft()
-            except IndexError:
-                break
-            done += 1
-        freed[0] += done
-        return done
-
-    shrinker = None
-    if not args.no_shrinker:
-        controller = default_controller()
-        print("controller signals:", "; ".join(controller.describe_signals()), file=sys.stderr)
-        shrinker = Shrinker.register(chunk_size, reclaim, name="two-thread-allocator")
-
-    allocated = 0
-    start = time.perf_counter()
-    next_progress = start + args.progress if args.progress else None
-    while True:
-        now = time.perf_counter()
-        if total is not None and allocated >= total:
-            break
-        if args.duration is not None and now - start >= args.duration:
-            break
-        # bytearray(n) memsets the block, so every page is really touched.
-        chunks.append(bytearray(chunk_size))
-        allocated += chunk_size
-        if shrinker is not None:
-            shrinker.report(1)
-        if next_progress is not None and now >= next_progress:
-            held = len(chunks) * chunk_size
-            print(
-                f"allocated {allocated >> 20} MiB, holding {held >> 20} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
-            next_progress = now + args.progress
-    seconds = time.perf_counter() - start
-
-    stats = shrinker.stats() if shrinker is not None else None
-    if shrinker is not None:
-        shrinker.close()
-    result = {
-        "shrinker": shrinker is not None,
-        "chunk_size": chunk_size,
-        "allocated_bytes": allocated,
-        "freed_bytes": freed[0] * chunk_size,
-        "held_bytes": len(chunks) * chunk_size,
-        "requests": stats.requests if stats else 0,
-        "readded_chunks": stats.chunks_readded if stats else 0,
-        "seconds": round(seconds, 4),
-        "alloc_mib_per_s": round(allocated / (1 << 20) / seconds, 1) if seconds else 0.0,
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "pid": os.getpid(),
-        "threads": threading.active_count(),
-    }
-    result.update(_v1_cgroup_figures())
-    print(json.dumps(result), flush=True)
-    return 0
-
+from pyshrinker.allocator import main
 
 if __name__ == "__main__":
     sys.exit(main())

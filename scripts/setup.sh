@@ -9,6 +9,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || need_apt+=(python3-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# pyshrinkerd (the daemon extra) mounts FUSE: libfuse3 and fusermount3 come with fuse3.
+[[ -x /usr/bin/fusermount3 ]] || command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
