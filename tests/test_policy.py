@@ -30,17 +30,17 @@ class TestWatermarks:
         assert marks == Watermarks(limit=GiB, high=GiB - 128 * MiB, low=GiB - 256 * MiB)
 
     def test_default_at_least_min_headroom(self) -> None:
-        """A 32 MiB limit gets the 8 MiB minimum, not 4 MiB."""
-        marks = Watermarks.for_limit(32 * MiB)
-        assert marks.high == 24 * MiB
-        assert marks.low == 16 * MiB
-        assert 8 * MiB == MIN_HEADROOM
+        """A 200 MiB limit gets the 32 MiB minimum, not 25 MiB."""
+        marks = Watermarks.for_limit(200 * MiB)
+        assert marks.high == 168 * MiB
+        assert marks.low == 136 * MiB
+        assert 32 * MiB == MIN_HEADROOM
 
     def test_default_at_most_a_quarter(self) -> None:
-        """A 16 MiB limit gets a quarter (4 MiB), since 8 MiB would leave nothing."""
-        marks = Watermarks.for_limit(16 * MiB)
-        assert marks.high == 12 * MiB
-        assert marks.low == 8 * MiB
+        """A 64 MiB limit gets a quarter (16 MiB), since 32 MiB would leave nothing."""
+        marks = Watermarks.for_limit(64 * MiB)
+        assert marks.high == 48 * MiB
+        assert marks.low == 32 * MiB
 
     def test_tiny_limit(self) -> None:
         """Even a 1-byte limit gives ordered, non-negative marks."""

@@ -28,8 +28,9 @@ MiB = 1 << 20
 
 #: Default headroom above the high watermark, as a fraction of the limit.
 DEFAULT_HEADROOM_FRACTION = 0.125
-#: The headroom is at least this many bytes (small limits need room to react in).
-MIN_HEADROOM = 8 * MiB
+#: The headroom is at least this many bytes: a Python thread allocates up to ~2.4 GB/s, and a
+#: request takes milliseconds to travel, so small limits need room to react in.
+MIN_HEADROOM = 32 * MiB
 
 
 @attrs.frozen
@@ -45,7 +46,7 @@ class Watermarks:
         """Watermarks for ``limit`` bytes.
 
         ``headroom`` is bytes (int) or a fraction of the limit (float < 1); by default 12.5 % of
-        the limit, at least 8 MiB and at most a quarter of it. ``high = limit - headroom`` and
+        the limit, at least 32 MiB and at most a quarter of it. ``high = limit - headroom`` and
         ``low = high - headroom``.
         """
         if limit <= 0:
