@@ -1,4 +1,9 @@
-# Exists only to name the cffi extension; everything else is in pyproject.toml.
-from setuptools import setup
+# Names the compiled parts; everything else is in pyproject.toml.
+#   pyshrinker._native: the cffi extension (syscalls), built from _native_build.py.
+#   pyshrinker._lru: the CPython extension under ShrinkableLRU and @shrinkable_cache.
+from setuptools import Extension, setup
 
-setup(cffi_modules=["src/pyshrinker/_native_build.py:ffibuilder"])
+setup(
+    cffi_modules=["src/pyshrinker/_native_build.py:ffibuilder"],
+    ext_modules=[Extension("pyshrinker._lru", ["src/pyshrinker/_lru.c"])],
+)

@@ -38,6 +38,13 @@ from pyshrinker.errors import (
     PyshrinkerError,
     UnsupportedError,
 )
+from pyshrinker.lru import (
+    CacheInfo,
+    LRUStats,
+    ShrinkableCachedFunction,
+    ShrinkableLRU,
+    shrinkable_cache,
+)
 from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
 from pyshrinker.transport import EmbeddedTransport, Transport
 
@@ -49,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbiError",
+    "CacheInfo",
     "CacheStats",
     "CgroupError",
     "CgroupNotFound",
@@ -58,11 +66,14 @@ __all__ = [
     "Controller",
     "ControllerConfig",
     "EmbeddedTransport",
+    "LRUStats",
     "Level",
     "LevelSubscription",
     "MalformedFile",
     "PyshrinkerError",
     "ShrinkRequest",
+    "ShrinkableCachedFunction",
+    "ShrinkableLRU",
     "Shrinker",
     "ShrinkerInfo",
     "ShrinkerStats",
@@ -73,6 +84,7 @@ __all__ = [
     "drop_on_oom",
     "parse_size",
     "settle",
+    "shrinkable_cache",
     "subscribe_levels",
     "trim_on_pressure",
 ]
