@@ -37,7 +37,6 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from pyshrinker._syscalls import EventfdFlag, eventfd
 from pyshrinker.abi import Level
 from pyshrinker.client import (
     DEFAULT_BATCH_BYTES,
@@ -45,6 +44,7 @@ from pyshrinker.client import (
     Shrinker,
     _default_transport,
     _highest_signalled,
+    register_level_eventfds,
 )
 from pyshrinker.errors import ClosedError, PyshrinkerError
 from pyshrinker.transport import Transport
@@ -325,13 +325,9 @@ def levels(
         pending=collections.deque(maxlen=max_pending),
     )
     try:
-        for each in Level:
-            if each < level:
-                continue
-            efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
-            events._efds[each] = efd
-            transport.register_level(efd, each)
-            loop.add_reader(efd, events._on_event)
+        register_level_eventfds(
+            level, transport, events._efds, lambda efd: loop.add_reader(efd, events._on_event)
+        )
     except BaseException:
         events.close()
         raise

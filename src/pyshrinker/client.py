@@ -753,17 +753,31 @@ def subscribe_levels(
     listener = get_listener()
     sub._listener = listener
     try:
-        for each in Level:
-            if each < level:
-                continue
-            efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
-            sub._efds[each] = efd
-            transport.register_level(efd, each)
-            listener.add(efd, sub._on_event)
+        register_level_eventfds(
+            level, transport, sub._efds, lambda efd: listener.add(efd, sub._on_event)
+        )
     except BaseException:
         sub.close()
         raise
     return sub
+
+
+def register_level_eventfds(
+    level: Level, transport: Transport, efds: dict[Level, int], watch: Callable[[int], None]
+) -> None:
+    """Register one eventfd per level from ``level`` up, into ``efds``, each then ``watch``-ed.
+
+    One per level because a level event signals every eventfd registered at that level or
+    below: the highest one signalled tells which level happened. ``efds`` holds each eventfd as
+    soon as it exists, so the caller's close() can release a half-made subscription.
+    """
+    for each in Level:
+        if each < level:
+            continue
+        efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
+        efds[each] = efd
+        transport.register_level(efd, each)
+        watch(efd)
 
 
 __all__ = [
