@@ -30,6 +30,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import attrs
 
@@ -62,6 +63,8 @@ from pyshrinker.signals.v1 import OomNotifier, PressureLevel, UsageThreshold, V1
 from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 log = logging.getLogger(__name__)
+
+_C = TypeVar("_C", bound="Controller")
 
 #: glibc's default mmap threshold; pinning it stops the dynamic raise.
 GLIBC_MMAP_THRESHOLD = 128 * 1024
@@ -181,18 +184,41 @@ class Controller:
 
     @classmethod
     def create(
-        cls,
+        cls: type[_C],
         memory: MemorySource | None,
         notifiers: list[Notifier] | None = None,
         config: ControllerConfig | None = None,
-    ) -> Controller:
+    ) -> _C:
         """A controller over an explicit memory source (None: only explicit requests)."""
         return cls(memory, config or ControllerConfig(), notifiers=list(notifiers or []))
 
     @classmethod
+    def for_memory(
+        cls: type[_C], memory: MemorySource, config: ControllerConfig | None = None
+    ) -> _C:
+        """A controller over ``memory`` with the pressure signals that source offers.
+
+        What :meth:`for_current_process` arms for the process's own cgroup, for any source:
+        v1 pressure levels and OOM notification, or v2 ``memory.events`` and PSI.
+        """
+        controller = cls(memory, config or ControllerConfig(), notifiers=[])
+        controller._arm_pressure_signals()
+        return controller
+
+    @property
+    def watermarks(self) -> policy.Watermarks | None:
+        """The watermarks in force (None without a limit, or before the first reading)."""
+        return self._marks
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @classmethod
     def for_current_process(
-        cls, *, budget: int | None = None, config: ControllerConfig | None = None
-    ) -> Controller:
+        cls: type[_C], *, budget: int | None = None, config: ControllerConfig | None = None
+    ) -> _C:
         """Pick the memory source and signals this process can use, best first.
 
         cgroup v1 with a limit: usage threshold at the high watermark (plus pressure levels and

@@ -323,14 +323,8 @@ def open_memory(path: str) -> MemorySource:
 def controller_for(cgroup: str | None, config: ControllerConfig | None = None) -> DaemonController:
     """The daemon's controller: over its own memory cgroup, or over the group at ``cgroup``."""
     if cgroup is None:
-        controller = DaemonController.for_current_process(config=config)
-    else:
-        controller = DaemonController.create(open_memory(cgroup), config=config)
-        # The pressure signals for_current_process arms for its own group, for this one.
-        controller._arm_pressure_signals()
-    # The constructors are classmethods: they built a DaemonController.
-    assert isinstance(controller, DaemonController)
-    return controller
+        return DaemonController.for_current_process(config=config)
+    return DaemonController.for_memory(open_memory(cgroup), config=config)
 
 
 # ---------------------------------------------------------------------- exit watcher
@@ -695,7 +689,7 @@ class Registry:
                 memory.update(usage=state.usage, working_set=state.working_set, limit=state.limit)
             except (CgroupError, OSError) as err:
                 memory["error"] = str(err)
-        marks = controller._marks
+        marks = controller.watermarks
         if marks is not None:
             memory.update(high=marks.high, low=marks.low)
         memory["signals"] = controller.describe_signals()

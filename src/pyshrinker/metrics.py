@@ -113,7 +113,7 @@ def default_controller_if_started() -> Controller | None:
     .. versionadded:: 0.1.0
     """
     controller = _controller_module._default
-    if controller is None or controller._closed:
+    if controller is None or controller.closed:
         return None
     return controller
 
