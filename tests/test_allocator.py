@@ -76,6 +76,24 @@ class TestProcessBudget:
         assert figures["peak_rss_bytes"] <= 192 * MiB
 
 
+class TestPeakRss:
+    """The reported peak is the allocator's own, not its parent's."""
+
+    def test_not_inherited_from_a_large_parent(self):
+        """A child forked from a 300 MiB parent reports its own peak (ru_maxrss would not)."""
+        ballast = bytearray(300 * MiB)  # touched: bytearray zero-fills
+        proc = subprocess.run(
+            [sys.executable, ALLOCATOR, "--no-shrinker", "--total", "16M"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        del ballast
+        assert proc.returncode == 0, proc.stderr
+        peak = last_json(proc.stdout)["peak_rss_bytes"]
+        assert 16 * MiB <= peak < 150 * MiB
+
+
 class TestArguments:
     """Bad arguments are usage errors."""
 

@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -83,6 +82,23 @@ def _v1_cgroup_figures() -> dict[str, int]:
             "cgroup_max_usage_bytes": source.max_usage(),
             "cgroup_oom_kill": source.oom_control().get("oom_kill", 0),
         }
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM), 0 if unknown.
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across execve, so a child forked from a large
+    parent (a test runner) reports the parent's size. VmHWM belongs to the address space, which
+    exec replaces.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "readded_chunks": stats.chunks_readded if stats else 0,
         "seconds": round(seconds, 4),
         "alloc_mib_per_s": round(allocated / (1 << 20) / seconds, 1) if seconds else 0.0,
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
         "pid": os.getpid(),
         "threads": threading.active_count(),
     }
