@@ -90,6 +90,17 @@ def read_psi(path: str = SYSTEM_MEMORY_PRESSURE) -> PsiStats:
         return parse_psi(f.read())
 
 
+def stall_total_moved(path: str, kind: StallKind, armed_total: int) -> bool:
+    """Whether the ``kind`` stall total of ``path`` differs from ``armed_total``.
+
+    An unprivileged trigger can fire once right after arming; its first event is believed only
+    if stalls really accumulated since.
+    """
+    stats = read_psi(path)
+    line = stats.some if kind is StallKind.SOME else stats.full
+    return line is None or line.total_us != armed_total
+
+
 def psi_available(path: str = SYSTEM_MEMORY_PRESSURE) -> bool:
     """Whether ``path`` exists and reads as a PSI file (PSI may be compiled out or disabled)."""
     try:
@@ -172,13 +183,8 @@ class PsiTrigger:
 
     def consume(self) -> bool:
         """Whether this event is real: the first one only if stall ``total`` moved since arming."""
-        if self._armed_total is None:
-            return True
-        stats = read_psi(self.path)
-        line = stats.some if self.kind is StallKind.SOME else stats.full
-        moved = line is None or line.total_us != self._armed_total
-        self._armed_total = None
-        return moved
+        armed, self._armed_total = self._armed_total, None
+        return armed is None or stall_total_moved(self.path, self.kind, armed)
 
     def describe(self) -> str:
         note = " (window widened: unprivileged)" if self.widened else ""

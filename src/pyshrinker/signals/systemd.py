@@ -51,7 +51,7 @@ from collections.abc import Mapping
 import attrs
 
 from pyshrinker.errors import MalformedFile, PyshrinkerError, UnsupportedError
-from pyshrinker.signals.psi import PsiStats, StallKind, parse_psi, read_psi
+from pyshrinker.signals.psi import PsiStats, StallKind, parse_psi, stall_total_moved
 
 log = logging.getLogger(__name__)
 
@@ -290,13 +290,10 @@ class SystemdPressureWatch:
         return self._first_psi_event_is_real()
 
     def _first_psi_event_is_real(self) -> bool:
-        if self._armed_total is None:
+        armed, self._armed_total = self._armed_total, None
+        if armed is None or self._stall_kind is None:
             return True
-        stats = read_psi(self.path)
-        line = stats.some if self._stall_kind is StallKind.SOME else stats.full
-        moved = line is None or line.total_us != self._armed_total
-        self._armed_total = None
-        return moved
+        return stall_total_moved(self.path, self._stall_kind, armed)
 
     def _consume_socket(self) -> bool:
         sock = self._sock
