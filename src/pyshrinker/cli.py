@@ -85,7 +85,7 @@ from pyshrinker.cgroup import (
 from pyshrinker.client import subscribe_levels
 from pyshrinker.controller import Controller, ShrinkRequest, parse_size
 from pyshrinker.errors import PyshrinkerError, UnsupportedError
-from pyshrinker.policy import Watermarks
+from pyshrinker.policy import Watermarks, usage_thresholds
 from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiLine, PsiStats, read_psi
 from pyshrinker.transport import EmbeddedTransport
 
@@ -179,7 +179,7 @@ def _planned_signals(controller: Controller, limit: int | None) -> list[str]:
     marks = Watermarks.for_limit(limit, controller.config.headroom)
     planned = [
         f"cgroup v1 usage threshold at {each} bytes ({memory.path})"
-        for each in (marks.high, (marks.high + marks.limit) // 2)
+        for each in usage_thresholds(marks)
     ]
     kept = [line for line in lines if line != "adaptive polling of usage"]
     return kept[:1] + planned + kept[1:]

@@ -536,8 +536,8 @@ class Controller:
             # memory keeps growing while a request is in flight.
             old = self._thresholds
             self._thresholds = [
-                UsageThreshold.register(self.memory.path, marks.high),
-                UsageThreshold.register(self.memory.path, (marks.high + marks.limit) // 2),
+                UsageThreshold.register(self.memory.path, at)
+                for at in policy.usage_thresholds(marks)
             ]
             for threshold in old:
                 if self._epoll is not None:

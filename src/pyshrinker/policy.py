@@ -66,6 +66,15 @@ class Watermarks:
         return cls(limit=limit, high=limit - room, low=max(0, limit - 2 * room))
 
 
+def usage_thresholds(marks: Watermarks) -> tuple[int, int]:
+    """Where usage notifications go: the high watermark, and halfway from it to the limit.
+
+    The first starts a reclaim episode; the second wakes the controller at once if memory keeps
+    growing while a request is in flight.
+    """
+    return marks.high, (marks.high + marks.limit) // 2
+
+
 def bytes_to_free(working_set: int, marks: Watermarks, in_flight: int = 0) -> int:
     """Bytes to ask for now: down to the low watermark, less what was asked and not yet freed."""
     if working_set < marks.high:
