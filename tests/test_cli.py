@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib.util import find_spec
 
 import pytest
 
@@ -415,7 +416,9 @@ class TestDemo:
         machine is tests/test_allocator.py's subject, the command's output is this test's.
         """
         need(v1_memory_available(), "needs root and a cgroup v1 memory hierarchy")
-        pytest.importorskip("matplotlib")
+        need(
+            find_spec("matplotlib") is not None, "needs matplotlib (pip install 'pyshrinker[plot]')"
+        )
         png = tmp_path / "demo.png"
         proc = pyshrinker(
             "demo", "--memory", "512M", "--total", "1G", "--plot", str(png), "--json", timeout=300
