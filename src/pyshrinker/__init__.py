@@ -34,8 +34,12 @@ from pyshrinker.errors import (
     CgroupNotFound,
     CgroupPermissionError,
     ClosedError,
+    ControllerGone,
+    ControllerNotFound,
     MalformedFile,
     PyshrinkerError,
+    TransportError,
+    TransportPermissionError,
     UnsupportedError,
 )
 from pyshrinker.lru import (
@@ -46,7 +50,7 @@ from pyshrinker.lru import (
     shrinkable_cache,
 )
 from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
-from pyshrinker.transport import EmbeddedTransport, Transport
+from pyshrinker.transport import EmbeddedTransport, FilesTransport, Transport
 
 # A library stays quiet unless the application configures logging (and Python's last-resort
 # handler, which prints warnings to stderr when no handler exists, is not used).
@@ -65,7 +69,10 @@ __all__ = [
     "ClosedError",
     "Controller",
     "ControllerConfig",
+    "ControllerGone",
+    "ControllerNotFound",
     "EmbeddedTransport",
+    "FilesTransport",
     "LRUStats",
     "Level",
     "LevelSubscription",
@@ -78,6 +85,8 @@ __all__ = [
     "ShrinkerInfo",
     "ShrinkerStats",
     "Transport",
+    "TransportError",
+    "TransportPermissionError",
     "UnsupportedError",
     "__version__",
     "default_controller",
