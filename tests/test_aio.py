@@ -224,8 +224,8 @@ class TestAsyncShrinker:
 
         run(main())
 
-    def test_pending_reports_flushed_before_handling(self, ctl):
-        """Unsent reports go out before a request is handled, so the books agree."""
+    def test_pending_reports_sent_when_handling(self, ctl):
+        """Unsent reports go out when a request is settled, so the books agree after it."""
         controller, transport = ctl
         freer = Freer(held=13)
 

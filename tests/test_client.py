@@ -14,7 +14,7 @@ from pyshrinker import AbiError, ClosedError, Level, Shrinker, settle, subscribe
 from pyshrinker._syscalls import eventfd_write
 from pyshrinker.client import REACTION_SWITCH_INTERVAL, get_listener
 
-from .helpers import private_controller
+from .helpers import ScriptedMemory, private_controller
 
 MiB = 1 << 20
 
@@ -213,6 +213,31 @@ class TestRequests:
         controller.request(s.efd, 1)
         assert settle()
         assert controller.shrinkers() == []
+
+
+class TestDirectReclaim:
+    """reclaim_pending() serves a request the controller made at once."""
+
+    def test_request_handled_before_reclaim_pending_returns(self):
+        """The report crosses the watermark; the request is served by the time it returns."""
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set=250 * MiB)
+        with private_controller(memory, shortest_poll=60.0, longest_poll=60.0) as (_, transport):
+            rec = Recorder(held=200)
+            with Shrinker.register(MiB, rec, transport=transport) as s:
+                s.report(200)
+                s.reclaim_pending()
+                assert rec.asked, "no request served"
+                assert s.stats().chunks_freed == sum(rec.asked)
+
+    def test_nothing_to_do_costs_nothing(self, ctl):
+        """Without new chunks sent, reclaim_pending reads nothing."""
+        _, transport = ctl
+        rec = Recorder()
+        with Shrinker.register(4096, rec, transport=transport) as s:
+            s.reclaim_pending()
+            s.report(1)  # batched: nothing sent
+            s.reclaim_pending()
+            assert rec.asked == []
 
 
 class TestListener:

@@ -337,6 +337,49 @@ class TestThread:
         assert thread is not None and not thread.is_alive()
 
 
+class TestDirectEvaluation:
+    """A report of new chunks near the watermark is decided on the reporting thread."""
+
+    def test_report_asks_synchronously(self, efds):
+        """Crossing the high watermark, report() itself signals: no wait for the thread."""
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set=10 * MiB)
+        config = {"shortest_poll": 60.0, "longest_poll": 60.0}  # the thread stays asleep
+        with private_controller(memory, **config) as (c, _):
+            fd = efds()
+            c.register(fd, fd, MiB)
+            c.report(fd, 100)
+            c.evaluate()  # a first reading, far from the watermark
+            assert read_counter(fd) == 0
+            memory.set(250 * MiB)
+            c.report(fd, 120)  # 120 MiB more: over half the 214 MiB left to the watermark
+            assert read_counter(fd) > 0
+            assert c.history()[-1].reason == "direct"
+
+    def test_small_growth_far_from_watermark_reads_nothing(self, efds):
+        """Far from the watermark, a small report costs no reading."""
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set=10 * MiB)
+        with private_controller(memory, shortest_poll=60.0, longest_poll=60.0) as (c, _):
+            fd = efds()
+            c.register(fd, fd, MiB)
+            c.evaluate()
+            reads = memory.reads
+            c.report(fd, 1)
+            assert memory.reads == reads
+
+    def test_direct_evaluation_never_escalates(self, efds, monkeypatch):
+        """Stuck above the watermark, reports never run gc.collect on their thread."""
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set=255 * MiB)
+        collected = []
+        monkeypatch.setattr("pyshrinker.controller.gc.collect", lambda: collected.append(1))
+        config = {"shortest_poll": 60.0, "longest_poll": 60.0, "escalate_after": 0.0}
+        with private_controller(memory, **config) as (c, _):
+            fd = efds()
+            c.register(fd, fd, MiB)
+            for _ in range(5):
+                c.report(fd, 300)
+            assert collected == []
+
+
 class TestParseSize:
     """Sizes as people write them."""
 

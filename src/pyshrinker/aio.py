@@ -111,6 +111,10 @@ class AsyncShrinker(Shrinker):
         """Whether an asynchronous reclaim callback is running now."""
         return self._task is not None
 
+    def reclaim_pending(self) -> None:
+        """Nothing to do here: requests are handled by the event loop, never inline."""
+        self._grew = False
+
     # ------------------------------------------------------------------ the loop's side
 
     def _listen(self) -> None:

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         allocated += chunk_size
         if shrinker is not None:
             shrinker.report(1)
+            # Thread 1 frees here when the controller asked at once (direct reclaim).
+            shrinker.reclaim_pending()
         if next_progress is not None and now >= next_progress:
             held = len(chunks) * chunk_size
             print(

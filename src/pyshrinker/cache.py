@@ -148,6 +148,9 @@ class ChunkCache(Generic[K, V]):
             # entries changed: a free overtaking its allocation would meet the count's floor.
             if delta:
                 self._shrinker.report(delta)
+        if delta > 0:
+            # Outside the lock: a request the controller made at once is served here.
+            self._shrinker.reclaim_pending()
         self._notify_evicted(evicted)
 
     def get(self, key: K, default: V | None = None) -> V | None:

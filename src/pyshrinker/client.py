@@ -334,6 +334,7 @@ class Shrinker:
     _listener: Listener | None = attrs.field(default=None, alias="listener")
     _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
     _request_lock: threading.RLock = attrs.field(factory=threading.RLock, alias="request_lock")
+    _send_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="send_lock")
     _pending: int = attrs.field(default=0, alias="pending")
     _reported: int = attrs.field(default=0, alias="reported")
     # The most we reported since the last request was read: the controller can never have asked
@@ -347,6 +348,7 @@ class Shrinker:
     _chunks_readded: int = attrs.field(default=0, alias="chunks_readded")
     _callback_errors: int = attrs.field(default=0, alias="callback_errors")
     _absurd_requests: int = attrs.field(default=0, alias="absurd_requests")
+    _grew: bool = attrs.field(default=False, alias="grew")
     _last_reaction_s: float = attrs.field(default=0.0, alias="last_reaction_s")
 
     @classmethod
@@ -453,29 +455,63 @@ class Shrinker:
         """Tell the controller ``chunks`` were allocated (> 0) or freed on our initiative (< 0)."""
         if self._generation != _generation:
             self._reattach_after_fork()
-        with self._lock:
-            if self._closed:
-                raise ClosedError(f"{self.name} is closed")
-            self._pending += chunks
-            if -self._batch < self._pending < self._batch:
-                return
-            pending, self._pending = self._pending, 0
-            self._send(pending)
+        self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            raise ClosedError(f"{self.name} is closed")
+        self._pending += chunks
+        if -self._batch < self._pending < self._batch:
+            self._lock.release()
+            return
+        pending, self._pending = self._pending, 0
+        self._send_and_unlock(pending)
 
     def flush(self) -> None:
         """Send pending reports now."""
-        with self._lock:
-            if self._closed or self._pending == 0:
-                return
-            pending, self._pending = self._pending, 0
-            self._send(pending)
+        self._lock.acquire()
+        if self._closed or self._pending == 0:
+            self._lock.release()
+            return
+        pending, self._pending = self._pending, 0
+        self._send_and_unlock(pending)
 
-    def _send(self, chunks: int) -> None:
-        # Called with self._lock held, so reports leave in the order the books changed.
-        self._reported += chunks
-        if self._reported > self._peak_reported:
-            self._peak_reported = self._reported
-        self._transport.report(self._efd, chunks)
+    def _send_and_unlock(self, chunks: int) -> None:
+        """Book ``chunks`` as reported and send them; called with self._lock held, releases it.
+
+        The books change under self._lock, held only for that (never across a syscall or a
+        controller call), so the listener thread taking a request is never starved of it by a
+        thread reporting in a loop. The send happens under self._send_lock, taken before
+        self._lock is released, so reports reach the controller in the order the books changed.
+        """
+        try:
+            self._reported += chunks
+            if self._reported > self._peak_reported:
+                self._peak_reported = self._reported
+            if chunks > 0:
+                self._grew = True
+            self._send_lock.acquire()
+        finally:
+            self._lock.release()
+        try:
+            self._transport.report(self._efd, chunks)
+        finally:
+            self._send_lock.release()
+
+    def reclaim_pending(self) -> None:
+        """Handle a request already waiting, here on the calling thread (direct reclaim).
+
+        After a report of new chunks the controller may ask for memory at once: it evaluates
+        on the reporting thread when a watermark is near, as the kernel reclaims in the task
+        that charges memory at its cgroup's limit. Calling this after reporting frees it here,
+        without waiting for the listener thread to be scheduled and get the GIL, so a fast
+        allocator cannot outrun the reclaim. It costs nothing unless new chunks were sent since
+        the last call, then one non-blocking eventfd read. Call it without holding a lock that
+        the reclaim callback takes.
+        """
+        if not self._grew:
+            return
+        self._grew = False
+        self._on_request()
 
     @property
     def held(self) -> int:
@@ -511,8 +547,8 @@ class Shrinker:
     def _take_request(self) -> tuple[int, float] | None:
         """Read a request and take it off the books: ``(chunks asked, start time)``, or None.
 
-        Pending reports are flushed first, so the books match what the controller counts. A
-        count larger than we ever reported is refused whole (logged) and so is None.
+        Pending (unsent) reports do not matter here: the controller asked out of what it was
+        sent. A count larger than we ever sent is refused whole (logged) and so is None.
         """
         if self._closed:
             return None
@@ -521,7 +557,6 @@ class Shrinker:
             asked = eventfd_read(self._efd)
         except BlockingIOError:
             return None
-        self.flush()
         with self._lock:
             # The controller subtracted what it asked, and it never asks more than the count
             # it had, which is at most the most we reported since the last read (our own frees
@@ -555,15 +590,18 @@ class Shrinker:
         counted = 0 if freed is None else freed
         self._chunks_freed += counted
         readded = 0
-        with self._lock:
-            if counted < asked:
-                readded = asked - counted
-                self._chunks_readded += readded
-                if not self._closed:
-                    self._send(readded)
-            elif counted > asked and not self._closed:
-                # Freed whole entries beyond the request: those are our own frees.
-                self._send(-(counted - asked))
+        if counted < asked:
+            readded = asked - counted
+            self._chunks_readded += readded
+        # What was not freed goes back; whole entries freed beyond the request are our own frees.
+        change = readded if counted < asked else asked - counted
+        self._lock.acquire()
+        # Unsent reports go with it, so that after a request the controller's count is exact.
+        change, self._pending = change + self._pending, 0
+        if change and not self._closed:
+            self._send_and_unlock(change)
+        else:
+            self._lock.release()
         if _observers:
             _tell_observers(RequestOutcome(self, asked, counted, readded, reaction, freed is None))
 

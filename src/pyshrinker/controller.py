@@ -177,6 +177,9 @@ class Controller:
     _working_set_at_request: int = attrs.field(default=0, alias="working_set_at_request")
     _last_state: MemoryState | None = attrs.field(default=None, alias="last_state")
     _hooks: list[Callable[[ShrinkRequest], None]] = attrs.field(factory=list, alias="hooks")
+    _eval_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="eval_lock")
+    _threshold_poll: select.poll | None = attrs.field(default=None, alias="threshold_poll")
+    _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
     #: Why each signal source the machine might offer was not used.
     unavailable: dict[str, str] = attrs.field(factory=dict)
 
@@ -331,12 +334,15 @@ class Controller:
             eventfd_write(self._wake_fd, 1)
             if self._thread is not threading.current_thread():
                 self._thread.join()
-        self._close_fds()
+        # A reporting thread may be evaluating (see _direct_check): let it finish first.
+        with self._eval_lock:
+            self._close_fds()
 
     def _close_fds(self) -> None:
         for notifier in self._notifiers:
             notifier.close()
         self._notifiers.clear()
+        self._threshold_poll = None
         for threshold in self._thresholds:
             threshold.close()
         self._thresholds.clear()
@@ -402,6 +408,47 @@ class Controller:
                 taken = min(reg.count, -chunks)
                 reg.count -= taken
                 reg.deficit = min(reg.chunks_requested, reg.deficit + (-chunks - taken))
+            grown = chunks * reg.chunk_size
+        if grown > 0 and self._thread is not None and not self._closed:
+            self._direct_check(grown)
+
+    def _direct_check(self, grown: int) -> None:
+        """Evaluate on the reporting thread when memory may have crossed a watermark.
+
+        The kernel's memory cgroup reclaims in the charging task itself when it reaches its
+        limit (direct reclaim): an allocator cannot outrun it. The equivalent here: a report of
+        new chunks checks, cheaply, whether a usage threshold fired (a poll with no timeout,
+        about 1 us) or, without thresholds, whether the bytes reported since the last reading
+        could have covered half the distance to the high watermark; if so, it evaluates now
+        instead of waiting for the controller thread to be scheduled and get the GIL. It never
+        escalates (no gc.collect on a thread that may hold the application's locks): that stays
+        with the controller thread.
+        """
+        self._grown_since_read += grown
+        poller = self._threshold_poll
+        if poller is not None:
+            due = bool(poller.poll(0))
+        elif self._marks is not None:
+            last = self._last_state  # no reading yet: read now
+            distance = self._marks.high - last.working_set if last is not None else 0
+            due = self._grown_since_read * 2 >= distance
+        else:
+            due = False
+        if not due:
+            return
+        # Wait for an evaluation under way on another thread rather than skip: like a task
+        # charging memory at its cgroup's limit, the reporter is throttled until reclaim decided.
+        self._eval_lock.acquire()
+        try:
+            if self._closed:
+                return
+            for threshold in self._thresholds:
+                threshold.consume()
+            self._evaluate("direct", escalate=False)
+        except CgroupError as err:
+            log.debug("direct evaluation failed: %s", err)
+        finally:
+            self._eval_lock.release()
 
     def register_level(self, key: Hashable, fd: int, level: Level) -> None:
         """Signal eventfd ``fd`` whenever ``level`` or a higher one happens."""
@@ -431,7 +478,11 @@ class Controller:
             return list(self._history)
 
     def add_request_hook(self, hook: Callable[[ShrinkRequest], None]) -> None:
-        """Call ``hook(request)`` (on the controller's thread) after each request is sent."""
+        """Call ``hook(request)`` after each request is sent, on the thread that decided it.
+
+        That is the controller's thread, or a thread whose report made the controller decide at
+        once (see :meth:`report`): keep hooks quick, and never take an application lock in one.
+        """
         self._hooks.append(hook)
 
     # ------------------------------------------------------------------ requests
@@ -546,6 +597,10 @@ class Controller:
             if self._epoll is not None:
                 for threshold in self._thresholds:
                     self._epoll.register(threshold.fileno(), threshold.events)
+            poller = select.poll()
+            for threshold in self._thresholds:
+                poller.register(threshold.fileno(), threshold.events)
+            self._threshold_poll = poller
 
     def _in_flight_bytes(self, now: float, working_set: int) -> int:
         # A request is in flight until its grace ends, or until the working set is seen below
@@ -558,9 +613,14 @@ class Controller:
 
     def evaluate(self, reason: str = "watermark") -> MemoryState | None:
         """Read memory now and ask for what must go; escalate if earlier asks did not help."""
+        with self._eval_lock:
+            return self._evaluate(reason)
+
+    def _evaluate(self, reason: str, escalate: bool = True) -> MemoryState | None:
         if self.memory is None:
             return None
         state = self.memory.read()
+        self._grown_since_read = 0
         self._last_state = state
         self._rewatermark(state)
         marks = self._marks
@@ -584,7 +644,7 @@ class Controller:
         self._working_set_at_request = state.working_set
         asked = self.shrink(need, reason) if need > 0 else {}
         stuck = now - self._above_since >= self.config.escalate_after
-        if stuck or (need > 0 and not asked and in_flight == 0):
+        if escalate and (stuck or (need > 0 and not asked and in_flight == 0)):
             self._escalate(state)
             self._above_since = now
         return state
@@ -673,7 +733,8 @@ class Controller:
             try:
                 self.evaluate(reason)
             except CgroupNotFound as err:
-                self._memory_gone(err, by_fd)
+                with self._eval_lock:
+                    self._memory_gone(err, by_fd)
             except Exception:
                 log.exception("controller evaluation failed; continuing")
                 time.sleep(self.config.escalate_after)
@@ -692,6 +753,7 @@ class Controller:
             notifier.close()
         self._notifiers.clear()
         by_fd.clear()
+        self._threshold_poll = None
         for threshold in self._thresholds:
             self._epoll.unregister(threshold.fileno())
             threshold.close()
