@@ -22,6 +22,7 @@ import enum
 import errno
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -271,11 +272,16 @@ class MemorySource:
     version: CgroupVersion
     path: str
     _files: dict[str, KernelFile] = attrs.field(factory=dict, alias="files")
+    _opening: threading.Lock = attrs.field(factory=threading.Lock, alias="opening")
 
     def _file(self, name: str) -> KernelFile:
         kept = self._files.get(name)
         if kept is None:
-            kept = self._files[name] = KernelFile.open(os.path.join(self.path, name))
+            # Opened on first use, once: readers on two threads must not both open (and leak).
+            with self._opening:
+                kept = self._files.get(name)
+                if kept is None:
+                    kept = self._files[name] = KernelFile.open(os.path.join(self.path, name))
         return kept
 
     def has_file(self, name: str) -> bool:
