@@ -521,10 +521,8 @@ class Shrinker:
 
     def stats(self) -> ShrinkerStats:
         """Counters of requests and chunks so far."""
-        with self._lock:
-            held = self._reported + self._pending
         return ShrinkerStats(
-            held,
+            self.held,
             self._requests,
             self._chunks_requested,
             self._chunks_freed,
@@ -589,12 +587,11 @@ class Shrinker:
         self._last_reaction_s = reaction
         counted = 0 if freed is None else freed
         self._chunks_freed += counted
-        readded = 0
-        if counted < asked:
-            readded = asked - counted
-            self._chunks_readded += readded
-        # What was not freed goes back; whole entries freed beyond the request are our own frees.
-        change = readded if counted < asked else asked - counted
+        # What was not freed goes back (> 0); whole entries freed beyond the request are our
+        # own frees (< 0).
+        change = asked - counted
+        readded = max(0, change)
+        self._chunks_readded += readded
         self._lock.acquire()
         # Unsent reports go with it, so that after a request the controller's count is exact.
         change, self._pending = change + self._pending, 0

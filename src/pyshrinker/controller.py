@@ -174,7 +174,6 @@ class Controller:
     _episode_step: int = attrs.field(default=0, alias="episode_step")
     _episode: bool = attrs.field(default=False, alias="episode")
     _above_since: float | None = attrs.field(default=None, alias="above_since")
-    _working_set_at_request: int = attrs.field(default=0, alias="working_set_at_request")
     _last_state: MemoryState | None = attrs.field(default=None, alias="last_state")
     _hooks: list[Callable[[ShrinkRequest], None]] = attrs.field(factory=list, alias="hooks")
     _eval_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="eval_lock")
@@ -533,7 +532,7 @@ class Controller:
         if len(self._history) > 10_000:
             del self._history[:5_000]
         self._in_flight.append(
-            (now + self.config.grace, chunks * reg.chunk_size, self._working_set_at_request)
+            (now + self.config.grace, chunks * reg.chunk_size, self._last_working_set())
         )
         return [request]
 
@@ -594,13 +593,18 @@ class Controller:
                 if self._epoll is not None:
                     self._epoll.unregister(threshold.fileno())
                 threshold.close()
-            if self._epoll is not None:
-                for threshold in self._thresholds:
-                    self._epoll.register(threshold.fileno(), threshold.events)
+            # The controller thread waits on them in its epoll set; reporting threads check
+            # them with a poll of their own (_direct_check), which sees nothing else.
             poller = select.poll()
             for threshold in self._thresholds:
                 poller.register(threshold.fileno(), threshold.events)
+                if self._epoll is not None:
+                    self._epoll.register(threshold.fileno(), threshold.events)
             self._threshold_poll = poller
+
+    def _last_working_set(self) -> int:
+        # The reading a request is decided on (evaluate reads first); 0 before any reading.
+        return self._last_state.working_set if self._last_state is not None else 0
 
     def _in_flight_bytes(self, now: float, working_set: int) -> int:
         # A request is in flight until its grace ends, or until the working set is seen below
@@ -641,7 +645,6 @@ class Controller:
         if self._above_since is None:
             self._above_since = now
         need = policy.bytes_to_free(state.working_set, marks, in_flight)
-        self._working_set_at_request = state.working_set
         asked = self.shrink(need, reason) if need > 0 else {}
         stuck = now - self._above_since >= self.config.escalate_after
         if escalate and (stuck or (need > 0 and not asked and in_flight == 0)):
