@@ -73,6 +73,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from pyshrinker import __version__, demo
+from pyshrinker._argtypes import positive_int
 from pyshrinker.abi import Level
 from pyshrinker.cgroup import (
     V1_MOUNT,
@@ -126,16 +127,6 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
@@ -666,7 +657,7 @@ def build_parser(load_daemon: bool = False) -> argparse.ArgumentParser:
         help="seconds between usage lines (default 1)",
     )
     watch.add_argument(
-        "--count", type=_positive_int, metavar="N", help="stop after N usage lines (default: never)"
+        "--count", type=positive_int, metavar="N", help="stop after N usage lines (default: never)"
     )
 
     run = add(

@@ -72,6 +72,7 @@ from typing import Any
 
 import attrs
 
+from pyshrinker._argtypes import positive_int
 from pyshrinker._syscalls import (
     EventfdFlag,
     eventfd,
@@ -1188,16 +1189,6 @@ def _gid(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no such group: {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add pyshrinkerd's options to ``parser`` (``pyshrinker daemon`` and ``-m`` share them)."""
     parser.add_argument("--mount", required=True, metavar="DIR", help="directory to mount on")
@@ -1229,21 +1220,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-per-process",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_PER_PROCESS,
         metavar="N",
         help=f"registrations one process may hold (default {DEFAULT_MAX_PER_PROCESS})",
     )
     parser.add_argument(
         "--max-total",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_TOTAL,
         metavar="N",
         help=f"registrations in all (default {DEFAULT_MAX_TOTAL})",
     )
     parser.add_argument(
         "--status-history",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_STATUS_HISTORY,
         metavar="N",
         help=f"requests and episodes the status file lists (default {DEFAULT_STATUS_HISTORY})",
