@@ -243,15 +243,26 @@ class TestDirectReclaim:
 class TestListener:
     """The listener thread: one per process, lower switch interval, barrier."""
 
-    def test_one_thread_for_many_shrinkers(self, ctl):
-        """Several shrinkers share one listener thread."""
-        _, transport = ctl
-        with (
-            Shrinker.register(4096, Recorder(), transport=transport),
-            Shrinker.register(MiB, Recorder(), transport=transport),
-        ):
-            names = [t.name for t in threading.enumerate()]
-            assert names.count("pyshrinker-listener") == 1
+    def test_two_threads_at_most_for_many_shrinkers(self, ctl):
+        """Ten shrinkers and 200 requests: with no callback stuck, two listener threads at most."""
+        controller, transport = ctl
+        shrinkers = [
+            Shrinker.register(4096, Recorder(held=50), transport=transport) for _ in range(10)
+        ]
+        try:
+            for s in shrinkers:
+                s.report(50)
+                s.flush()
+            for _round in range(20):
+                for s in shrinkers:
+                    controller.request(s.efd, 1)
+                assert settle()
+                names = [t.name for t in threading.enumerate()]
+                assert 1 <= names.count("pyshrinker-listener") <= 2
+            assert all(controller.count(s.efd) == 30 for s in shrinkers)
+        finally:
+            for s in shrinkers:
+                s.close()
 
     def test_switch_interval_lowered(self, ctl):
         """While the listener runs, the interpreter switches threads at least every 1 ms."""

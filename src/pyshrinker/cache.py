@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from pyshrinker import _fork
 from pyshrinker.client import Shrinker
 from pyshrinker.transport import Transport
 
@@ -86,6 +87,15 @@ class ChunkCache(Generic[K, V]):
             name=name or f"ChunkCache-{chunk_size}",
             transport=transport,
         )
+        _fork.track(self, _fork.CACHE)
+
+    def _fork_locks(self) -> list[threading.Lock | threading.RLock]:
+        # Held for dict operations and a report, never across a callback: a forked child
+        # copies the entries and their chunk count whole.
+        return [self._lock]
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- properties
 
@@ -266,6 +276,7 @@ class ChunkCache(Generic[K, V]):
 
     def close(self) -> None:
         """Unregister from the controller and drop every entry; idempotent."""
+        _fork.untrack(self)
         self._shrinker.close()
         with self._lock:
             self._entries.clear()

@@ -462,6 +462,39 @@ def memory_source_of(
     return HostMemory.open(os.path.join(proc, "meminfo"))
 
 
+@attrs.define(eq=False)
+class Membership:
+    """The cgroups a process is in, re-read to see it moved (a pread, about 5 us).
+
+    Moving a process (writing its pid to another group's ``cgroup.procs``) changes its
+    ``/proc/<pid>/cgroup``; nothing notifies of it.
+    """
+
+    _kept: KernelFile = attrs.field(alias="kept")
+    _seen: bytes = attrs.field(alias="seen")
+
+    @classmethod
+    def of(cls, pid: int | str = "self", proc: str = "/proc") -> Membership:
+        """Start watching process ``pid``'s membership, as it is now."""
+        kept = KernelFile.open(os.path.join(proc, str(pid), "cgroup"))
+        membership = cls(kept=kept, seen=b"")
+        membership.changed()
+        return membership
+
+    def changed(self) -> bool:
+        """Whether the membership differs from the last call's (or the start's)."""
+        with translated_errors(self._kept.path):
+            now = os.pread(self._kept.fd, 65536, 0)
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+    def close(self) -> None:
+        """Close the kept-open file; safe to call twice."""
+        self._kept.close()
+
+
 def v2_group_of(pid: int | str = "self", proc: str = "/proc") -> str | None:
     """The directory of the process's cgroup v2 group (for ``memory.pressure``), if mounted."""
     base = os.path.join(proc, str(pid))

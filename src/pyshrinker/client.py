@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import attrs
 
+from pyshrinker import _fork
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.errors import ClosedError, PyshrinkerError
@@ -50,12 +51,30 @@ SAME_EVENT_WINDOW = 0.05
 _generation = 0
 
 
-# ---------------------------------------------------------------------- the listener thread
+# ---------------------------------------------------------------------- the listener threads
+
+#: Listener threads at most: one per callback blocked at once, plus a spare. Past it, requests
+#: wait for a callback to return (and a warning is logged).
+MAX_LISTENER_THREADS = 32
+
+#: Idle listener threads kept: the one waiting, plus one so that a short handler does not make
+#: the pool start and stop a thread per request.
+_SPARE_THREADS = 2
 
 
 @attrs.define(eq=False)
 class Listener:
-    """One thread per process that waits on every shrinker's eventfd and a wake-up fd.
+    """The threads that wait on every shrinker's eventfd and call its handler.
+
+    Each fd is armed ``EPOLLONESHOT``: an event wakes one thread (each takes one event at a
+    time) and the fd is re-armed only when its handler has returned, so one shrinker's
+    requests are handled one at a time, in order. A handler that blocks holds only its own
+    fd: before a thread runs a handler it makes sure another thread is waiting, starting one
+    if none is, so every other shrinker is still served however many callbacks are stuck (up
+    to :data:`MAX_LISTENER_THREADS`). When nothing is stuck there are at most two threads.
+
+    Threads block in epoll with no timeout; ``close()`` writes the wake-up eventfd, which is
+    never read, so every thread sees it and stops.
 
     .. versionadded:: 0.1.0
     """
@@ -63,15 +82,17 @@ class Listener:
     _epoll: select.epoll = attrs.field(alias="epoll")
     _wake_fd: int = attrs.field(alias="wake_fd")
     _handlers: dict[int, Callable[[], None]] = attrs.field(factory=dict, alias="handlers")
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
-    _barriers: list[threading.Event] = attrs.field(factory=list, alias="barriers")
-    _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
+    _cond: threading.Condition = attrs.field(factory=threading.Condition, alias="cond")
+    _threads: set[threading.Thread] = attrs.field(factory=set, alias="threads")
+    _idle: int = attrs.field(default=0, alias="idle")
+    _running: dict[int, int] = attrs.field(factory=dict, alias="running")
     _stopping: bool = attrs.field(default=False, alias="stopping")
     _saved_interval: float | None = attrs.field(default=None, alias="saved_interval")
+    _warned_full: bool = attrs.field(default=False, alias="warned_full")
 
     @classmethod
     def start(cls) -> Listener:
-        """Create the epoll set and wake-up fd and start the thread."""
+        """Create the epoll set and wake-up fd and start the first thread."""
         wake = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
         ep = select.epoll()
         ep.register(wake, select.EPOLLIN)
@@ -81,97 +102,167 @@ class Listener:
             if current > REACTION_SWITCH_INTERVAL:
                 listener._saved_interval = current
                 sys.setswitchinterval(REACTION_SWITCH_INTERVAL)
-        listener._thread = threading.Thread(
-            target=listener._run, name="pyshrinker-listener", daemon=True
-        )
-        listener._thread.start()
+        with listener._cond:
+            listener._spawn()
         return listener
+
+    def _spawn(self) -> None:
+        # Called with self._cond held.
+        thread = threading.Thread(target=self._run, name="pyshrinker-listener", daemon=True)
+        self._threads.add(thread)
+        self._idle += 1
+        thread.start()
 
     @property
     def alive(self) -> bool:
-        """Whether the thread is running."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the listener runs (it has threads and was not closed)."""
+        with self._cond:
+            return not self._stopping and any(t.is_alive() for t in self._threads)
+
+    @property
+    def threads(self) -> int:
+        """Threads running now."""
+        with self._cond:
+            return len(self._threads)
 
     def add(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` on the listener thread whenever ``fd`` is readable."""
-        with self._lock:
+        """Call ``handler()`` on a listener thread whenever ``fd`` is readable."""
+        with self._cond:
             self._handlers[fd] = handler
-        self._epoll.register(fd, select.EPOLLIN)
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
 
     def remove(self, fd: int) -> None:
-        """Stop watching ``fd``."""
-        with self._lock:
+        """Stop watching ``fd`` (a handler already running finishes)."""
+        with self._cond:
             self._handlers.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+            self._cond.notify_all()
 
     def barrier(self, timeout: float = 5.0) -> bool:
-        """Wait until everything signalled before this call has been handled."""
-        if self._thread is threading.current_thread():
+        """Wait until no handler runs and no watched fd is readable; False on timeout.
+
+        Called from a handler, it returns at once (waiting would wait for itself).
+        """
+        if threading.current_thread() in self._threads:
             return True
-        done = threading.Event()
-        with self._lock:
-            self._barriers.append(done)
-        eventfd_write(self._wake_fd, 1)
-        return done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._stopping:
+                if not self._running and not self._readable():
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # Woken at every handler's end; re-checked every 10 ms for fds signalled and
+                # not yet taken by a thread.
+                self._cond.wait(min(remaining, 0.01))
+        return True
+
+    def _readable(self) -> bool:
+        # Called with self._cond held.
+        if not self._handlers:
+            return False
+        poller = select.poll()
+        for fd in self._handlers:
+            poller.register(fd, select.POLLIN)
+        return any(mask & select.POLLIN for _fd, mask in poller.poll(0))
 
     def _run(self) -> None:
-        while not self._stopping:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            except (OSError, ValueError):
-                break  # epoll closed under us at shutdown
-            barrier_asked = self._dispatch(events)
-            if barrier_asked:
-                # Handle whatever was already signalled before releasing the waiters.
-                while not self._stopping:
-                    more = self._epoll.poll(0)
-                    if not more:
-                        break
-                    self._dispatch(more)
-                with self._lock:
-                    waiters, self._barriers = self._barriers, []
-                for done in waiters:
-                    done.set()
+        me = threading.current_thread()
+        try:
+            while self._serve_one():
+                pass
+        finally:
+            with self._cond:
+                self._threads.discard(me)
+                self._cond.notify_all()
 
-    def _dispatch(self, events: list[tuple[int, int]]) -> bool:
-        barrier_asked = False
-        for fd, _mask in events:
-            if fd == self._wake_fd:
-                try:
-                    eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
-                barrier_asked = True
-                continue
-            with self._lock:
-                handler = self._handlers.get(fd)
-            if handler is None:
-                continue
-            try:
-                handler()
-            except Exception:
-                log.exception("pyshrinker listener handler failed; listener continues")
-        return barrier_asked
-
-    def close(self) -> None:
-        """Stop and join the thread, close the fds; idempotent."""
+    def _serve_one(self) -> bool:
+        """Wait for one event and handle it; False when this thread should end."""
+        try:
+            events = self._epoll.poll(-1, 1)
+        except InterruptedError:
+            return True
+        except (OSError, ValueError):
+            return False  # epoll closed under us at shutdown
         if self._stopping:
-            return
+            return False
+        if not events:
+            return True
+        fd = events[0][0]
+        if fd == self._wake_fd:
+            return False  # only close() writes it
+        with self._cond:
+            handler = self._handlers.get(fd)
+            if handler is None:
+                return True  # removed meanwhile: stays disarmed
+            self._idle -= 1
+            self._running[fd] = self._running.get(fd, 0) + 1
+            if self._idle == 0:
+                if len(self._threads) < MAX_LISTENER_THREADS:
+                    self._spawn()
+                elif not self._warned_full:
+                    self._warned_full = True
+                    log.warning(
+                        "%d pyshrinker listener threads are all busy in reclaim callbacks: "
+                        "other requests wait until one returns",
+                        len(self._threads),
+                    )
+        try:
+            handler()
+        except Exception:
+            log.exception("pyshrinker listener handler failed; listener continues")
+        finally:
+            keep_going = self._handled(fd, handler)
+        return keep_going
+
+    def _handled(self, fd: int, handler: Callable[[], None]) -> bool:
+        """Book a handler's end and re-arm its fd; False when this thread is one too many."""
+        with self._cond:
+            left = self._running[fd] - 1
+            if left:
+                self._running[fd] = left
+            else:
+                del self._running[fd]
+            if self._handlers.get(fd) is handler:
+                try:
+                    self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+                except (OSError, ValueError):
+                    pass
+            self._cond.notify_all()
+            if self._idle >= _SPARE_THREADS:
+                return False
+            self._idle += 1
+            return True
+
+    def _forget_after_fork(self) -> None:
+        # In a forked child (no thread of ours runs here): close this copy's fds.
         self._stopping = True
-        eventfd_write(self._wake_fd, 1)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
         self._epoll.close()
         os.close(self._wake_fd)
-        with self._lock:
-            waiters, self._barriers = self._barriers, []
-        for done in waiters:
-            done.set()
+
+    def close(self) -> None:
+        """Stop and join the threads, close the fds; idempotent."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            threads = set(self._threads)
+            self._cond.notify_all()
+        eventfd_write(self._wake_fd, 1)
+        me = threading.current_thread()
+        for thread in threads:
+            if thread is not me:
+                # A thread stuck in a user callback is not waited for: it is a daemon thread
+                # and finds the listener closed when the callback returns.
+                thread.join(timeout=1.0)
+        with self._cond:
+            self._epoll.close()
+            os.close(self._wake_fd)
+            self._handlers.clear()
         if self._saved_interval is not None:
             if sys.getswitchinterval() == REACTION_SWITCH_INTERVAL:
                 sys.setswitchinterval(self._saved_interval)
@@ -201,11 +292,16 @@ def _default_transport() -> Transport:
 
 
 def _after_fork_in_child() -> None:
-    # The parent's listener thread does not exist here, and its epoll fd is shared with the
-    # parent: forget both (without closing: the parent's registrations live in that epoll).
-    global _listener, _listener_lock, _generation
+    # The parent's listener threads do not exist here. Closing our copies of its epoll and
+    # wake-up fds leaves the parent's (the epoll set lives while any fd refers to it). Locks
+    # other threads may have held at fork are renewed.
+    global _listener, _listener_lock, _generation, _live_lock, _observers_lock
+    if _listener is not None:
+        _listener._forget_after_fork()
     _listener = None
     _listener_lock = threading.Lock()
+    _live_lock = threading.Lock()
+    _observers_lock = threading.Lock()
     _generation += 1
 
 
@@ -308,6 +404,13 @@ def live_shrinkers() -> list[Shrinker]:
         return [each for each in _live if not each._closed]
 
 
+def _as_chunks(value: object) -> int:
+    """``value`` as a plain int of chunks, or TypeError (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"chunks must be an int, got {value!r}")
+    return int(value)
+
+
 @attrs.define(eq=False)
 class Shrinker:
     """A chunk size registered with a controller, and the callback that frees chunks.
@@ -337,9 +440,12 @@ class Shrinker:
     _send_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="send_lock")
     _pending: int = attrs.field(default=0, alias="pending")
     _reported: int = attrs.field(default=0, alias="reported")
-    # The most we reported since the last request was read: the controller can never have asked
-    # more than that (its count never exceeds what we reported), however our own frees raced it.
-    _peak_reported: int = attrs.field(default=0, alias="peak_reported")
+    # Chunks added (reports > 0, re-adds included) and chunks asked, since registration. The
+    # controller's count only grows by what we add and it never asks more than its count, so
+    # over any interleaving of its requests with our own frees, the chunks it asked in all are
+    # at most the chunks we added in all. A request past that bound is not the controller's.
+    _added: int = attrs.field(default=0, alias="added")
+    _asked: int = attrs.field(default=0, alias="asked")
     _generation: int = attrs.field(default=0, alias="generation")
     _closed: bool = attrs.field(default=False, alias="closed")
     _requests: int = attrs.field(default=0, alias="requests")
@@ -406,7 +512,18 @@ class Shrinker:
         shrinker._attach()
         with _live_lock:
             _live.add(shrinker)
+        _fork.track(shrinker, _fork.SHRINKER)
         return shrinker
+
+    def _fork_locks(self) -> list[threading.Lock | threading.RLock]:
+        # The books' lock: held for a few assignments, so the child copies the books whole.
+        return [self._lock]
+
+    def _after_fork_in_child(self) -> None:
+        # Other threads may have held these at fork; the books were copied whole (above).
+        self._lock = threading.Lock()
+        self._request_lock = threading.RLock()
+        self._send_lock = threading.Lock()
 
     def _attach(self) -> None:
         efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
@@ -437,7 +554,7 @@ class Shrinker:
             if self._transport_factory is not None:
                 self._transport = self._transport_factory()
             self._attach()
-            self._reported = self._peak_reported = 0
+            self._reported = self._added = self._asked = 0
             self._pending = held
         self.flush()
 
@@ -452,7 +569,15 @@ class Shrinker:
         return self._transport
 
     def report(self, chunks: int) -> None:
-        """Tell the controller ``chunks`` were allocated (> 0) or freed on our initiative (< 0)."""
+        """Tell the controller ``chunks`` were allocated (> 0) or freed on our initiative (< 0).
+
+        ``chunks`` must be an ``int`` (not a bool) of magnitude at most :data:`EVENTFD_MAX`;
+        anything else raises before the books change.
+        """
+        if type(chunks) is not int:
+            chunks = _as_chunks(chunks)
+        if not -EVENTFD_MAX <= chunks <= EVENTFD_MAX:
+            raise ValueError(f"chunks must be within +/-{EVENTFD_MAX}, got {chunks}")
         if self._generation != _generation:
             self._reattach_after_fork()
         self._lock.acquire()
@@ -485,9 +610,8 @@ class Shrinker:
         """
         try:
             self._reported += chunks
-            if self._reported > self._peak_reported:
-                self._peak_reported = self._reported
             if chunks > 0:
+                self._added += chunks
                 self._grew = True
             self._send_lock.acquire()
         finally:
@@ -556,22 +680,21 @@ class Shrinker:
         except BlockingIOError:
             return None
         with self._lock:
-            # The controller subtracted what it asked, and it never asks more than the count
-            # it had, which is at most the most we reported since the last read (our own frees
-            # may have lowered the books since: the controller keeps that as a deficit that the
-            # re-add pays back). More than that is absurd (a stray writer on our eventfd):
-            # refuse it whole rather than drop entries for garbage.
-            if asked > max(0, self._peak_reported):
+            # The controller subtracted what it asked (our own frees may have lowered the books
+            # since: it keeps that as a deficit which the re-add pays back). In all, it cannot
+            # have asked more than we added in all; more than that is absurd (a stray writer on
+            # our eventfd): refuse it whole rather than drop entries for garbage.
+            if self._asked + asked > self._added:
                 log.error(
-                    "%s: absurd request for %d chunks (at most %d reported): ignored",
+                    "%s: absurd request for %d chunks (%d could be asked): ignored",
                     self.name,
                     asked,
-                    self._peak_reported,
+                    self._added - self._asked,
                 )
                 self._absurd_requests += 1
                 return None
+            self._asked += asked
             self._reported -= asked
-            self._peak_reported = self._reported
         if asked == 0:
             return None
         self._requests += 1
@@ -637,6 +760,7 @@ class Shrinker:
                 self._closed = True
             with _live_lock:
                 _live.discard(self)
+            _fork.untrack(self)
             if self._generation != _generation:
                 # A forked child's copy: the eventfd is the parent's registration.
                 os.close(self._efd)

@@ -49,6 +49,7 @@ from pyshrinker.cgroup import (
     CgroupV1,
     CgroupV2,
     HostMemory,
+    Membership,
     MemorySource,
     MemoryState,
     memory_source_of,
@@ -96,6 +97,13 @@ class ControllerConfig:
     longest_poll: float = 1.0
     #: Arm PSI triggers and v1 pressure levels (besides usage watermarks).
     use_pressure_signals: bool = True
+    #: Seconds between readings when nothing else wakes the controller: the limit may be changed
+    #: and the process moved to another cgroup, and neither is notified.
+    recheck_interval: float = 1.0
+    #: Bytes reported as new chunks since the last reading after which a reporting thread reads
+    #: again even if no usage threshold fired: the limit may have been lowered under the armed
+    #: thresholds, the process moved, or usage may stay above them (no new crossing fires).
+    recheck_bytes: int = 4 * policy.MiB
 
 
 @attrs.frozen
@@ -177,8 +185,13 @@ class Controller:
     _last_state: MemoryState | None = attrs.field(default=None, alias="last_state")
     _hooks: list[Callable[[ShrinkRequest], None]] = attrs.field(factory=list, alias="hooks")
     _eval_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="eval_lock")
-    _threshold_poll: select.poll | None = attrs.field(default=None, alias="threshold_poll")
+    # The usage thresholds' eventfds, for reporting threads to check (_direct_check); a tuple
+    # replaced whole, so a reader never sees it half-changed.
+    _threshold_fds: tuple[int, ...] = attrs.field(default=(), alias="threshold_fds")
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
+    _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
+    #: The process's cgroup membership, when the controller watches the process's own cgroup.
+    _membership: Membership | None = attrs.field(default=None, alias="membership")
     #: Why each signal source the machine might offer was not used.
     unavailable: dict[str, str] = attrs.field(factory=dict)
 
@@ -244,6 +257,11 @@ class Controller:
             else:
                 unavailable["budget"] = f"the cgroup's limit ({state.limit} bytes) takes precedence"
         controller = cls(memory, config, notifiers=[], unavailable=unavailable)
+        if budget is None:
+            try:
+                controller._membership = Membership.of()
+            except CgroupError as err:
+                unavailable["cgroup moves"] = str(err)
         controller._arm_pressure_signals()
         return controller
 
@@ -305,8 +323,7 @@ class Controller:
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._rewatermark()
-        for notifier in self._notifiers:
-            self._epoll.register(notifier.fileno(), notifier.events)
+        self._watch_notifiers()
         log.info("pyshrinker controller watching: %s", "; ".join(self.describe_signals()))
         self._thread = threading.Thread(target=self._run, name="pyshrinker-controller", daemon=True)
         self._thread.start()
@@ -341,7 +358,10 @@ class Controller:
         for notifier in self._notifiers:
             notifier.close()
         self._notifiers.clear()
-        self._threshold_poll = None
+        self._by_fd.clear()
+        self._threshold_fds = ()
+        if self._membership is not None:
+            self._membership.close()
         for threshold in self._thresholds:
             threshold.close()
         self._thresholds.clear()
@@ -359,6 +379,9 @@ class Controller:
 
     def forget_after_fork(self) -> None:
         """In a forked child: close this copy's fds without touching the parent's thread."""
+        # Threads that do not exist in the child may have held these at fork: renew them.
+        self._lock = threading.Lock()
+        self._eval_lock = threading.Lock()
         self._closed = True
         self._thread = None
         self._close_fds()
@@ -409,7 +432,12 @@ class Controller:
                 reg.deficit = min(reg.chunks_requested, reg.deficit + (-chunks - taken))
             grown = chunks * reg.chunk_size
         if grown > 0 and self._thread is not None and not self._closed:
-            self._direct_check(grown)
+            try:
+                self._direct_check(grown)
+            except Exception:
+                # The report itself was applied: a failure to decide here must not make the
+                # caller believe it was not (it would send it again). The thread decides.
+                log.exception("direct evaluation failed; the controller thread will decide")
 
     def _direct_check(self, grown: int) -> None:
         """Evaluate on the reporting thread when memory may have crossed a watermark.
@@ -424,9 +452,15 @@ class Controller:
         with the controller thread.
         """
         self._grown_since_read += grown
-        poller = self._threshold_poll
-        if poller is not None:
-            due = bool(poller.poll(0))
+        fds = self._threshold_fds
+        if fds:
+            # select, not a shared poll object: reporting threads check concurrently. An fd
+            # closed by a re-watermark meanwhile just makes us read now.
+            try:
+                due = bool(select.select(fds, (), (), 0)[0])
+            except (OSError, ValueError):
+                due = True
+            due = due or self._grown_since_read >= self.config.recheck_bytes
         elif self._marks is not None:
             last = self._last_state  # no reading yet: read now
             distance = self._marks.high - last.working_set if last is not None else 0
@@ -589,18 +623,16 @@ class Controller:
                 UsageThreshold.register(self.memory.path, at)
                 for at in policy.usage_thresholds(marks)
             ]
+            # The controller thread waits on them in its epoll set; reporting threads check
+            # their fds (_direct_check). New ones first, so there is no moment without.
+            for threshold in self._thresholds:
+                if self._epoll is not None:
+                    self._epoll.register(threshold.fileno(), threshold.events)
+            self._threshold_fds = tuple(t.fileno() for t in self._thresholds)
             for threshold in old:
                 if self._epoll is not None:
                     self._epoll.unregister(threshold.fileno())
                 threshold.close()
-            # The controller thread waits on them in its epoll set; reporting threads check
-            # them with a poll of their own (_direct_check), which sees nothing else.
-            poller = select.poll()
-            for threshold in self._thresholds:
-                poller.register(threshold.fileno(), threshold.events)
-                if self._epoll is not None:
-                    self._epoll.register(threshold.fileno(), threshold.events)
-            self._threshold_poll = poller
 
     def _last_working_set(self) -> int:
         # The reading a request is decided on (evaluate reads first); 0 before any reading.
@@ -621,6 +653,10 @@ class Controller:
             return self._evaluate(reason)
 
     def _evaluate(self, reason: str, escalate: bool = True) -> MemoryState | None:
+        membership = self._membership
+        if membership is not None and membership.changed():
+            log.warning("the process moved to another cgroup")
+            self._switch_memory()
         if self.memory is None:
             return None
         state = self.memory.read()
@@ -676,7 +712,7 @@ class Controller:
             return -1
         if self._marks is None:
             # No limit now; one may be set later.
-            return self.config.longest_poll
+            return self.config.recheck_interval
         state = self._last_state
         above = state is not None and state.working_set >= self._marks.high
         if self._in_flight or above:
@@ -686,7 +722,8 @@ class Controller:
                 return self.config.episode_poll
             return self.config.shortest_poll
         if not self._needs_polling():
-            return -1
+            # Thresholds tell of usage, but nothing tells of a new limit or a move.
+            return self.config.recheck_interval
         if state is None:
             return self.config.shortest_poll
         return policy.poll_interval(
@@ -699,69 +736,86 @@ class Controller:
 
     def _run(self) -> None:
         assert self._epoll is not None
-        by_fd = {n.fileno(): n for n in self._notifiers}
         while not self._stopping:
             try:
                 events = self._epoll.poll(self._timeout())
             except InterruptedError:
                 continue
-            reason = "poll"
-            level: Level | None = None
-            for fd, _mask in events:
-                if fd == self._wake_fd:
-                    try:
-                        eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
-                    continue
-                threshold = next((t for t in self._thresholds if t.fileno() == fd), None)
-                if threshold is not None:
-                    threshold.consume()
-                    reason = "usage threshold"
-                    continue
-                notifier = by_fd.get(fd)
-                if notifier is None:
-                    continue
-                try:
-                    real = notifier.consume()
-                except CgroupError:
-                    real = True
-                if real:
-                    reason = type(notifier).__name__
-                    level = max(level or Level.LOW, _level_of(notifier))
             if self._stopping:
                 break
-            if level is not None:
-                self.notify_level(level)
             try:
-                self.evaluate(reason)
-            except CgroupNotFound as err:
+                # Under the evaluation lock: a reporting thread deciding at once (_direct_check)
+                # may switch the memory source, and with it the notifiers, meanwhile.
                 with self._eval_lock:
-                    self._memory_gone(err, by_fd)
+                    self._handle(events)
             except Exception:
                 log.exception("controller evaluation failed; continuing")
                 time.sleep(self.config.escalate_after)
 
-    def _memory_gone(self, err: CgroupNotFound, by_fd: dict[int, Notifier]) -> None:
-        # The cgroup was removed under us (its files now fail with ENODEV). Registrations and
-        # counts are kept; look for the cgroup the process is in now, else stop watching.
-        log.error("memory cgroup gone: %s; looking for the current one", err)
+    def _handle(self, events: list[tuple[int, int]]) -> None:
+        reason = "poll"
+        level: Level | None = None
+        for fd, _mask in events:
+            if fd == self._wake_fd:
+                try:
+                    eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            threshold = next((t for t in self._thresholds if t.fileno() == fd), None)
+            if threshold is not None:
+                threshold.consume()
+                reason = "usage threshold"
+                continue
+            notifier = self._by_fd.get(fd)
+            if notifier is None:
+                continue
+            try:
+                real = notifier.consume()
+            except CgroupError:
+                real = True
+            if real:
+                reason = type(notifier).__name__
+                level = max(level or Level.LOW, _level_of(notifier))
+        if level is not None:
+            self.notify_level(level)
+        try:
+            self._evaluate(reason)
+        except CgroupNotFound as err:
+            # The cgroup was removed under us (its files now fail with ENODEV).
+            log.error("memory cgroup gone: %s; looking for the current one", err)
+            self._switch_memory()
+
+    def _watch_notifiers(self) -> None:
         assert self._epoll is not None
         for notifier in self._notifiers:
-            try:
-                self._epoll.unregister(notifier.fileno())
-            except OSError as unreg_err:
-                if unreg_err.errno != errno.ENOENT:
-                    raise
+            self._epoll.register(notifier.fileno(), notifier.events)
+            self._by_fd[notifier.fileno()] = notifier
+
+    def _switch_memory(self) -> None:
+        """Watch the memory cgroup the process is in now (called with the evaluation lock).
+
+        Registrations and counts are kept; only the source, its notifiers and thresholds change.
+        Without a cgroup to watch the controller idles.
+        """
+        for notifier in self._notifiers:
+            if self._epoll is not None:
+                try:
+                    self._epoll.unregister(notifier.fileno())
+                except OSError as unreg_err:
+                    if unreg_err.errno != errno.ENOENT:
+                        raise
             notifier.close()
         self._notifiers.clear()
-        by_fd.clear()
-        self._threshold_poll = None
+        self._by_fd.clear()
+        self._threshold_fds = ()
         for threshold in self._thresholds:
-            self._epoll.unregister(threshold.fileno())
+            if self._epoll is not None:
+                self._epoll.unregister(threshold.fileno())
             threshold.close()
         self._thresholds.clear()
         self._marks = None
+        self._last_state = None
         old = self.memory
         self.memory = None
         if old is not None:
@@ -775,9 +829,8 @@ class Controller:
         self.memory = memory
         self._rewatermark()
         self._arm_pressure_signals()
-        for notifier in self._notifiers:
-            self._epoll.register(notifier.fileno(), notifier.events)
-            by_fd[notifier.fileno()] = notifier
+        if self._epoll is not None:
+            self._watch_notifiers()
         log.warning("now watching %s", "; ".join(self.describe_signals()))
 
 
