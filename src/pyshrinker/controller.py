@@ -520,7 +520,7 @@ class Controller:
         reg.requests += 1
         reg.chunks_requested += chunks
         try:
-            eventfd_write(reg.fd, chunks)
+            self._write_eventfd(reg.key, reg.fd, chunks)
         except OSError as err:
             # EBADF or a full counter: the client is gone or stuck; stop asking it.
             log.warning("dropping shrinker %r: signalling its eventfd failed: %s", reg.key, err)
@@ -535,6 +535,11 @@ class Controller:
             (now + self.config.grace, chunks * reg.chunk_size, self._last_working_set())
         )
         return [request]
+
+    def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
+        # Called with the lock held. The embedded controller's eventfds are its own process's
+        # (Shrinker makes them non-blocking); pyshrinkerd's subclass bounds the write instead.
+        eventfd_write(fd, value)
 
     def _run_hooks(self, sent: list[ShrinkRequest]) -> None:
         for request in sent:
@@ -554,7 +559,7 @@ class Controller:
             for listener in ordered:
                 if listener.level <= level:
                     try:
-                        eventfd_write(listener.fd, 1)
+                        self._write_eventfd(listener.key, listener.fd, 1)
                         told += 1
                     except OSError as err:
                         log.warning("dropping level listener %r: %s", listener.key, err)

@@ -25,6 +25,11 @@ How the kernel and libfuse behave, and what follows:
   registration ends on ``"<efd> -"`` (pyshrinker's unregistration line) or when the process
   exits: its pidfd polls readable once the whole thread group is gone (one watcher thread in
   epoll on all pidfds plus a wake-up eventfd), and all its duplicates are closed.
+* A write to an eventfd waits while the counter cannot take the value, and a client can fill
+  its own. The duplicate shares the client's file status flags (one open file description), so
+  setting O_NONBLOCK on it would make the client's own reads fail with EAGAIN: the daemon bounds
+  each write with a timer signal instead (:func:`~pyshrinker._syscalls.eventfd_write_within`)
+  and drops a client it could not signal in :data:`SIGNAL_TIMEOUT`.
 * The daemon must never block on its own mount: a FUSE request it made to itself would wait for
   a thread that is busy making it. So it reads ``/proc/.../fd`` links (no FUSE call) rather than
   ``fstat`` on duplicated files, and resolves the mount path before mounting.
@@ -78,6 +83,7 @@ from pyshrinker._syscalls import (
     eventfd,
     eventfd_read,
     eventfd_write,
+    eventfd_write_within,
     is_eventfd,
     pidfd_getfd,
     pidfd_open,
@@ -116,6 +122,8 @@ DEFAULT_STATUS_HISTORY = 1000
 MAX_STATUS_OPEN = 64
 #: What ``/proc/<pid>/fd/<n>`` reads for an eventfd.
 EVENTFD_LINK = "anon_inode:[eventfd]"
+#: Seconds a write to a client's eventfd may wait (its counter full) before the client is dropped.
+SIGNAL_TIMEOUT = 0.001
 
 
 # ---------------------------------------------------------------------- errors
@@ -290,6 +298,19 @@ class DaemonController(Controller):
     _episodes: deque[Episode] = attrs.field(
         factory=lambda: deque(maxlen=DEFAULT_STATUS_HISTORY), alias="episodes"
     )
+    #: Processes an eventfd of which could not be signalled (see :meth:`_write_eventfd`).
+    unanswerable: set[int] = attrs.field(factory=set)
+
+    def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
+        # The eventfd is a client's: it may have filled the counter of a blocking one, and a
+        # plain write would then wait, holding the controller's lock, until the client reads.
+        # Bounded, the write gives up (the controller drops that registration) and the process
+        # may not register again until it exits.
+        try:
+            eventfd_write_within(fd, value, SIGNAL_TIMEOUT)
+        except BlockingIOError:
+            self.unanswerable.add(_pid_efd(key)[0])
+            raise
 
     def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
         # Counts are read just before the shrink takes the lock; a report landing in between
@@ -537,6 +558,7 @@ class Registry:
         if self._procs.get(proc.tgid) is proc:
             del self._procs[proc.tgid]
         self._by_pidfd.pop(proc.pidfd, None)
+        self.controller.unanswerable.discard(proc.tgid)
         if self._watcher is not None:
             self._watcher.remove(proc.pidfd)
         os.close(proc.pidfd)
@@ -606,6 +628,8 @@ class Registry:
     def _register(
         self, caller: Caller, proc: _Process, parsed: RegisterShrinker | RegisterLevel
     ) -> None:
+        if proc.tgid in self.controller.unanswerable:
+            raise _refuse(errno.EPERM, f"process {proc.tgid} left an eventfd unanswerable")
         if parsed.efd in proc.regs:
             raise _refuse(errno.EINVAL, f"eventfd {parsed.efd} is already registered")
         if len(proc.regs) >= self.max_per_process:
@@ -694,6 +718,7 @@ class Registry:
         if marks is not None:
             memory.update(high=marks.high, low=marks.low)
         memory["signals"] = controller.describe_signals()
+        memory["unanswerable"] = sorted(controller.unanswerable)
         with self._lock:
             memory.update(processes=len(self._procs), registrations=self._total)
             levels = [

@@ -1,0 +1,158 @@
+"""pyshrinkerd against hostile and broken clients (issue 9): real FUSE, real kernel, bounded.
+
+Every action that could hang on the mount runs in a child process with a deadline, so a daemon
+that hangs fails the test instead of hanging it. At the end the daemon is stopped first (SIGTERM,
+then SIGKILL after 10 s, which aborts the FUSE connection and so frees every writer stuck on it),
+and only then are the children killed and reaped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pyshrinker._syscalls import eventfd_read
+
+from .daemon_helpers import Daemons, Raw, running_daemons, shrinker_count
+
+pytestmark = pytest.mark.kernel
+
+#: The largest value an eventfd counter holds: any write to a counter this full blocks.
+EVENTFD_FULL = 2**64 - 2
+
+#: Child programs; each gets the mount as argv[1] (and a line as argv[2]) and exits 0 if done.
+REGISTER_AND_REPORT = """
+import os, sys
+mount = sys.argv[1]
+control = os.open(os.path.join(mount, "cgroup.event_control"), os.O_WRONLY)
+shrinker = os.open(os.path.join(mount, "mempressure.shrinker"), os.O_WRONLY)
+efd = os.eventfd(0, os.EFD_NONBLOCK)
+os.write(control, f"{efd} {shrinker} 4096\\n".encode())
+os.write(shrinker, f"{efd} 10\\n".encode())
+"""
+WRITE_REQUEST = """
+import os, sys
+fd = os.open(os.path.join(sys.argv[1], "mempressure.request"), os.O_WRONLY)
+os.write(fd, sys.argv[2].encode())
+"""
+READ_STATUS = """
+import os, sys
+with open(os.path.join(sys.argv[1], "mempressure.status")) as f:
+    assert f.read().startswith('{"kind": "daemon"')
+"""
+
+
+class Children:
+    """Child processes that use the mount, each given a deadline; reaped by the fixture."""
+
+    def __init__(self) -> None:
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def run(self, code: str, *args: str, timeout: float = 5.0) -> int | None:
+        """Run ``code`` with ``args``; its exit status, or None if it is still running."""
+        child = subprocess.Popen([sys.executable, "-c", code, *args])
+        self.running.append(child)
+        try:
+            return child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def reap(self) -> None:
+        """Kill and reap every child (call once no daemon can hold them any more)."""
+        for child in self.running:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+@pytest.fixture
+def daemons(tmp_path) -> Iterator[Daemons]:
+    """Factory for pyshrinkerd processes, all stopped and unmounted afterwards."""
+    with running_daemons(str(tmp_path)) as made:
+        yield made
+
+
+@pytest.fixture
+def children(daemons: Daemons) -> Iterator[Children]:
+    """Children with deadlines; the daemons are stopped before the children are reaped."""
+    made = Children()
+    try:
+        yield made
+    finally:
+        daemons.stop_all()
+        made.reap()
+
+
+@pytest.fixture
+def daemon(daemons):
+    """One pyshrinkerd with --test-control."""
+    return daemons.start()
+
+
+@pytest.fixture
+def raw(daemon):
+    """The daemon's files, opened by hand (closed afterwards)."""
+    files = Raw(daemon.mount)
+    try:
+        yield files
+    finally:
+        files.close()
+
+
+def full_blocking_eventfd(raw: Raw) -> int:
+    """A blocking eventfd (as the proposal's example makes them) whose counter is full."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    raw.eventfds.append(efd)
+    os.eventfd_write(efd, EVENTFD_FULL)
+    return efd
+
+
+class TestBlockingClient:
+    """Item 9: a client that fills its own blocking eventfd cannot hang the daemon."""
+
+    def test_request_to_a_full_eventfd(self, daemon, raw, children):
+        """The request returns, the client is dropped, others register, SIGTERM works."""
+        efd = full_blocking_eventfd(raw)
+        raw.write_control(f"{efd} {raw.shrinker} 4096\n")
+        raw.write_report(f"{efd} 100\n")
+        line = f"{os.getpid()} {efd} 10\n"
+        assert children.run(WRITE_REQUEST, daemon.mount, line) == 0, "request hung"
+        assert children.run(REGISTER_AND_REPORT, daemon.mount) == 0, "other clients hang"
+        assert children.run(READ_STATUS, daemon.mount) == 0, "status hangs"
+        status = daemon.status()
+        assert shrinker_count(status, os.getpid(), efd) is None
+        assert status.daemon["unanswerable"] == [os.getpid()]
+        with pytest.raises(OSError) as info:  # refused until it exits
+            raw.register()
+        assert info.value.errno == errno.EPERM
+        daemon.popen.send_signal(signal.SIGTERM)
+        assert daemon.popen.wait(10) == 0
+
+    def test_shrink_reaches_the_others(self, daemon, raw, children):
+        """A proportional shrink skips the stuck client and still asks the honest one."""
+        stuck = full_blocking_eventfd(raw)
+        raw.write_control(f"{stuck} {raw.shrinker} 4096\n")
+        raw.write_report(f"{stuck} 100\n")
+        honest = raw.register()
+        raw.write_report(f"{honest} 100\n")
+        assert children.run(WRITE_REQUEST, daemon.mount, "shrink 409600\n") == 0
+        assert eventfd_read(honest) > 0
+        assert children.run(WRITE_REQUEST, daemon.mount, "shrink 409600\n") == 0
+        assert eventfd_read(honest) > 0
+
+    def test_level_listener_with_a_full_eventfd(self, daemon, raw, children):
+        """A level event skips a listener whose counter is full and reaches the next one."""
+        stuck = full_blocking_eventfd(raw)
+        raw.write_control(f"{stuck} {raw.level} oom\n")
+        honest = raw.eventfd()
+        raw.write_control(f"{honest} {raw.level} low\n")
+        assert children.run(WRITE_REQUEST, daemon.mount, "level oom\n") == 0, "level hung"
+        assert eventfd_read(honest) == 1
+        assert children.run(READ_STATUS, daemon.mount) == 0
+
