@@ -95,9 +95,9 @@ class TestRegistry:
         with pytest.raises(ValueError):  # AbiError is a ValueError too
             c.register(fd, fd, size)
 
-    @pytest.mark.parametrize("cost", [0, -1.0, float("inf"), float("nan")])
+    @pytest.mark.parametrize("cost", [0, -1.0, 1e-320, 1e-4, 1e4, float("inf"), float("nan")])
     def test_bad_cost(self, efds, cost):
-        """Costs must be finite and positive."""
+        """Costs must be from 0.001 to 1000 (issue 9: 1e-320 made shares infinite, then NaN)."""
         c = Controller.create(None)
         fd = efds()
         with pytest.raises(AbiError):

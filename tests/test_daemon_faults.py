@@ -156,3 +156,26 @@ class TestBlockingClient:
         assert eventfd_read(honest) == 1
         assert children.run(READ_STATUS, daemon.mount) == 0
 
+
+class TestCosts:
+    """Item 10: a cost of 1e-320 made a share infinite, then NaN: nobody was asked again."""
+
+    @pytest.mark.parametrize("cost", ["1e-320", "0.0009", "1001", "1e300"])
+    def test_out_of_range_cost_refused(self, raw, cost):
+        """Costs outside 0.001..1000 are EINVAL (before: 1e-320 and 1e300 were taken)."""
+        efd = raw.eventfd()
+        with pytest.raises(OSError) as info:
+            raw.write_control(f"{efd} {raw.shrinker} 4096 {cost}\n")
+        assert info.value.errno == errno.EINVAL
+
+    def test_extreme_costs_still_share(self, daemon, raw):
+        """At the bounds, with a 2**48-chunk claim, a shrink still asks everyone something."""
+        cheap = raw.register(4096, cost="0.001")
+        dear = raw.register(4096, cost="1000")
+        raw.write_report(f"{cheap} {2**48}\n")
+        raw.write_report(f"{dear} 1000\n")
+        raw.request(f"shrink {1000 * 4096 * 1000}\n")
+        assert eventfd_read(cheap) > 0
+        (episode,) = daemon.status().episodes
+        assert sum(chunks for *_, chunks in episode.asked) >= 1000 * 1000
+
