@@ -16,6 +16,10 @@ REQUIRE_KERNEL = os.environ.get("PYSHRINKER_REQUIRE_KERNEL") == "1"
 
 MiB = 1 << 20
 
+#: Prefix of the cgroups tests create; ``PYSHRINKER_TEST_CGROUP_PREFIX`` overrides it, so that
+#: runs side by side on one machine can tell theirs apart.
+CGROUP_PREFIX = os.environ.get("PYSHRINKER_TEST_CGROUP_PREFIX", "pyshrinker-test-")
+
 
 def need(available: bool, reason: str) -> None:
     """Skip (or, where the kernel is required, fail) unless ``available``."""
@@ -36,7 +40,7 @@ def v1_group() -> Iterator[Callable[[int], ManagedCgroupV1]]:
     made: list[ManagedCgroupV1] = []
 
     def make(limit: int = 128 * MiB) -> ManagedCgroupV1:
-        group = ManagedCgroupV1.create(f"pyshrinker-test-{uuid.uuid4().hex[:12]}", limit)
+        group = ManagedCgroupV1.create(f"{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}", limit)
         made.append(group)
         return group
 

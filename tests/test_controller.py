@@ -312,6 +312,58 @@ class TestEvaluate:
         assert read_counter(fd) == 0
 
 
+class TestHostileClaims:
+    """Issue 9: a shrinker claiming 2**48 chunks cannot take all the asks."""
+
+    def make(self, efds, **config):
+        memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)  # high 224, low 192 MiB
+        c = Controller.create(memory, config=ControllerConfig(**config))
+        liar, honest = efds(), efds()
+        c.register(liar, liar, 4096)
+        c.register(honest, honest, 4096)
+        c.report(liar, 2**48)
+        c.report(honest, 200 * 256)  # 200 MiB
+        return c, memory, liar, honest
+
+    def test_claim_weighs_at_most_the_working_set(self, efds):
+        """Before: the honest shrinker was asked one chunk; now its share against 250 MiB."""
+        c, _, _, honest = self.make(efds)
+        c.evaluate()
+        need = 58 * MiB
+        asked = read_counter(honest) * 4096
+        assert asked == pytest.approx(need * 200 / 450, abs=4096)
+
+    def test_a_round_that_did_not_help_asks_the_others(self, efds):
+        """Usage did not fall after the liar was asked the most: it weighs 1/16 from then on."""
+        c, memory, liar, honest = self.make(efds, escalate_after=0.05, grace=0.0)
+        c.evaluate()
+        first = read_counter(honest)
+        read_counter(liar)
+        time.sleep(0.06)
+        c.evaluate()  # judged: the working set did not move
+        second = read_counter(honest) * 4096
+        held = 200 * MiB - first * 4096
+        assert second == pytest.approx(58 * MiB * held / (held + 250 * MiB / 16), abs=4096)
+        memory.set(100 * MiB)  # the episode is over: everyone trusted again
+        c.evaluate()
+        memory.set(250 * MiB)
+        c.evaluate()
+        assert read_counter(honest) * 4096 < second / 2
+
+    def test_a_round_that_helped_changes_nothing(self, efds):
+        """A round after which usage fell by half of what it asked leaves the liar trusted."""
+        c, memory, _, honest = self.make(efds, escalate_after=0.05, grace=0.0)
+        c.evaluate()
+        held = 200 * MiB - read_counter(honest) * 4096
+        memory.set(220 * MiB)  # fell by 30 MiB, more than half of the 58 MiB asked
+        c.evaluate()
+        time.sleep(0.06)
+        memory.set(250 * MiB)
+        c.evaluate()
+        asked = read_counter(honest) * 4096
+        assert asked == pytest.approx(58 * MiB * held / (held + 250 * MiB), abs=4096)
+
+
 class TestThread:
     """The background thread reacts to readings and stops cleanly."""
 

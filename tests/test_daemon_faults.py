@@ -9,6 +9,7 @@ and only then are the children killed and reaped.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -18,10 +19,14 @@ from collections.abc import Iterator
 import pytest
 
 from pyshrinker._syscalls import eventfd_read
+from pyshrinker.transport import CONTROLLER_DIR_ENV
 
 from .daemon_helpers import Daemons, Raw, running_daemons, shrinker_count
 
 pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "daemon_workers.py")
 
 #: The largest value an eventfd counter holds: any write to a counter this full blocks.
 EVENTFD_FULL = 2**64 - 2
@@ -179,3 +184,41 @@ class TestCosts:
         (episode,) = daemon.status().episodes
         assert sum(chunks for *_, chunks in episode.asked) >= 1000 * 1000
 
+
+class TestLyingClient:
+    """Item 11: a client claiming 2**48 chunks does not take the asks an honest one needs."""
+
+    def test_honest_cache_survives_beside_a_liar(self, v1_group, daemons):
+        """A cache filling past a 256 MiB limit at 100 MiB/s lives, asked most of the memory."""
+        group = v1_group(256 * MiB)
+        daemon = daemons.start("--cgroup", group.path)
+        files = Raw(daemon.mount)
+        chunk = 256 * 1024  # served by mmap: freeing it lowers usage at once
+        argv = [sys.executable, WORKERS, "cache", "--name", "honest", "--chunk-size", str(chunk)]
+        argv += ["--target-mib", "400", "--rate-mib", "100", "--seconds", "6"]
+        env = dict(os.environ, **{CONTROLLER_DIR_ENV: daemon.mount})
+        honest = None
+        try:
+            liar = files.register(4096)
+            files.write_report(f"{liar} {2**48}\n")  # and it never frees anything
+            honest = group.spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert honest.stdout is not None and honest.stdin is not None
+            line = honest.stdout.readline()  # its figures after 6 s; nothing if OOM-killed
+            status = daemon.status()
+            honest.stdin.close()
+            code = honest.wait(30)
+        finally:
+            files.close()
+            if honest is not None and honest.poll() is None:
+                honest.kill()
+                honest.wait()
+        oom_kills = group.read_keyed("memory.oom_control").get("oom_kill", 0)
+        assert (code, oom_kills) == (0, 0), line
+        figures = json.loads(line)
+        asked = {(s.pid, s.efd): s.chunks_requested * s.chunk_size for s in status.shrinkers}
+        mine = asked[(figures["pid"], figures["efd"])]
+        lied_to = asked[(os.getpid(), liar)]
+        print(json.dumps({"honest_asked_mib": mine / MiB, "liar_asked_mib": lied_to / MiB}))
+        # Before: the liar was asked nearly everything and the cache one chunk per round.
+        assert mine > lied_to
+        assert os.getpid() in status.daemon["distrusted"]

@@ -301,6 +301,15 @@ class DaemonController(Controller):
     #: Processes an eventfd of which could not be signalled (see :meth:`_write_eventfd`).
     unanswerable: set[int] = attrs.field(factory=set)
 
+    def _owner(self, key: Hashable) -> Hashable:
+        # A process's shrinkers claim together and are distrusted together.
+        return _pid_efd(key)[0]
+
+    def distrusted(self) -> list[int]:
+        """Processes that let a round of asks down this episode (asked less now), by pid."""
+        with self._lock:
+            return sorted(pid for pid in self._distrusted if isinstance(pid, int))
+
     def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
         # The eventfd is a client's: it may have filled the counter of a blocking one, and a
         # plain write would then wait, holding the controller's lock, until the client reads.
@@ -718,6 +727,7 @@ class Registry:
         if marks is not None:
             memory.update(high=marks.high, low=marks.low)
         memory["signals"] = controller.describe_signals()
+        memory["distrusted"] = controller.distrusted()
         memory["unanswerable"] = sorted(controller.unanswerable)
         with self._lock:
             memory.update(processes=len(self._procs), registrations=self._total)
