@@ -364,6 +364,22 @@ class TestHostileClaims:
         assert asked == pytest.approx(58 * MiB * held / (held + 250 * MiB), abs=4096)
 
 
+class TestBoundedBooks:
+    """Issue 9: what the controller remembers per request stays bounded."""
+
+    def test_in_flight_bounded_without_evaluations(self, efds):
+        """Shrinks with no evaluation between them (pyshrinkerd's test control, many shrinkers):
+        expired in-flight entries go when the next request is sent (before: only on evaluate)."""
+        c = Controller.create(None, config=ControllerConfig(grace=0.0))
+        for fd in [efds() for _ in range(10)]:
+            c.register(fd, fd, 4096)
+            c.report(fd, 10_000)
+        for _ in range(200):
+            assert sum(c.shrink(10 * 4096).values()) == 10
+        assert len(c._in_flight) <= 10
+        assert len(c._rounds) <= 64
+
+
 class TestThread:
     """The background thread reacts to readings and stops cleanly."""
 

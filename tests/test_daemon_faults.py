@@ -222,3 +222,42 @@ class TestLyingClient:
         # Before: the liar was asked nearly everything and the cache one chunk per round.
         assert mine > lied_to
         assert os.getpid() in status.daemon["distrusted"]
+
+
+def rss(pid: int) -> int:
+    """The resident set of process ``pid``, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class TestBoundedMemory:
+    """Item 12: daemon memory does not grow with registrations x episodes; shares round well."""
+
+    def test_4096_shrinkers(self, daemons):
+        """A 4 KiB need asks one chunk in all; 80 episodes of 4096 asks leave the RSS flat."""
+        daemon = daemons.start("--max-per-process", "4096")
+        files = Raw(daemon.mount)
+        try:
+            efds = [files.register() for _ in range(4096)]
+            for efd in efds:
+                files.write_report(f"{efd} 1000\n")
+            files.request("shrink 4096\n")
+            (episode,) = daemon.status().episodes
+            # Before: one chunk of each of the 4096 shrinkers, 16 MiB for a 4 KiB need.
+            assert sum(chunks for *_, chunks in episode.asked) == 1
+            for _ in range(20):
+                files.request(f"shrink {4096 * 4096}\n")  # one chunk of each
+            early = rss(daemon.pid)
+            for _ in range(60):
+                files.request(f"shrink {4096 * 4096}\n")
+            late = rss(daemon.pid)
+            status = daemon.status()
+        finally:
+            files.close()
+        print(json.dumps({"rss_after_20_mib": early / MiB, "rss_after_80_mib": late / MiB}))
+        # Before: about 1.3 MiB more per episode (every holding of every episode kept).
+        assert late - early < 8 * MiB
+        assert status.daemon["requests_sent"] == 1 + 80 * 4096

@@ -576,6 +576,10 @@ class Controller:
         self._history.append(request)
         if len(self._history) > 10_000:
             del self._history[:5_000]
+        if self._in_flight and self._in_flight[0][0] <= now:
+            # Deadlines come in order: drop the expired ones here too, not only on evaluate
+            # (explicit shrinks, a daemon's many shrinkers), so the list stays bounded.
+            self._in_flight = [entry for entry in self._in_flight if entry[0] > now]
         self._in_flight.append(
             (now + self.config.grace, chunks * reg.chunk_size, self._last_working_set())
         )

@@ -46,7 +46,8 @@ take any process's fds anyway; refusing it would protect nothing.
 
 Bounds: lines longer than :data:`~pyshrinker.abi.MAX_LINE` bytes are refused (EINVAL), as are
 registrations past ``--max-per-process`` or ``--max-total`` (ENOSPC); at most
-:data:`MAX_STATUS_OPEN` status files may be open at once (EMFILE).
+:data:`MAX_STATUS_OPEN` status files, holding :data:`MAX_STATUS_BYTES`, may be open at once
+(EMFILE); the episodes remembered for the status hold :data:`MAX_EPISODE_ENTRIES` at most.
 
 .. versionadded:: 0.1.0
 """
@@ -120,6 +121,11 @@ DEFAULT_MAX_TOTAL = 4096
 DEFAULT_STATUS_HISTORY = 1000
 #: Status files open at once (each holds the snapshot taken at open).
 MAX_STATUS_OPEN = 64
+#: Bytes all open status snapshots may hold together; past it, an open is EMFILE.
+MAX_STATUS_BYTES = 32 << 20
+#: Entries (holdings and asks) all remembered episodes may hold together. With 4096 shrinkers an
+#: episode is up to 8192 of them: without this bound 1000 episodes took more than a GB.
+MAX_EPISODE_ENTRIES = 16384
 #: What ``/proc/<pid>/fd/<n>`` reads for an eventfd.
 EVENTFD_LINK = "anon_inode:[eventfd]"
 #: Seconds a write to a client's eventfd may wait (its counter full) before the client is dropped.
@@ -295,9 +301,10 @@ class DaemonController(Controller):
     .. versionadded:: 0.1.0
     """
 
-    _episodes: deque[Episode] = attrs.field(
-        factory=lambda: deque(maxlen=DEFAULT_STATUS_HISTORY), alias="episodes"
-    )
+    _episodes: deque[Episode] = attrs.field(factory=deque, alias="episodes")
+    _episodes_kept: int = attrs.field(default=DEFAULT_STATUS_HISTORY, alias="episodes_kept")
+    _episode_entries: int = attrs.field(default=0, alias="episode_entries")
+    _episode_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="episode_lock")
     #: Processes an eventfd of which could not be signalled (see :meth:`_write_eventfd`).
     unanswerable: set[int] = attrs.field(factory=set)
 
@@ -321,25 +328,52 @@ class DaemonController(Controller):
             self.unanswerable.add(_pid_efd(key)[0])
             raise
 
+    def forget_process(self, pid: int) -> None:
+        """Process ``pid`` is gone: it is no longer distrusted, nor refused."""
+        with self._lock:
+            self._distrusted.discard(pid)
+        self.unanswerable.discard(pid)
+
     def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
         # Counts are read just before the shrink takes the lock; a report landing in between
-        # moves them by a batch at most.
+        # moves them by a batch at most. Shrinkers holding nothing weigh nothing: not kept.
         before = self.shrinkers()
         asked = super().shrink(nbytes, reason)
         if asked:
-            holdings = tuple(Holding(i.key, i.count, i.chunk_size, i.cost) for i in before)
-            self._episodes.append(
-                Episode(time.monotonic(), nbytes, reason, holdings, tuple(asked.items()))
+            holdings = tuple(
+                Holding(i.key, i.count, i.chunk_size, i.cost) for i in before if i.count > 0
             )
+            episode = Episode(time.monotonic(), nbytes, reason, holdings, tuple(asked.items()))
+            self._remember(episode)
         return asked
+
+    def _remember(self, episode: Episode) -> None:
+        # The latest episodes, as many as the status lists and MAX_EPISODE_ENTRIES allow
+        # (the latest one always).
+        with self._episode_lock:
+            self._episodes.append(episode)
+            self._episode_entries += _entries(episode)
+            while len(self._episodes) > 1 and (
+                len(self._episodes) > self._episodes_kept
+                or self._episode_entries > MAX_EPISODE_ENTRIES
+            ):
+                self._episode_entries -= _entries(self._episodes.popleft())
 
     def episodes(self) -> list[Episode]:
         """The latest proportional shrinks, oldest first."""
-        return list(self._episodes)
+        with self._episode_lock:
+            return list(self._episodes)
 
     def keep_history(self, entries: int) -> None:
-        """Keep the latest ``entries`` episodes."""
-        self._episodes = deque(self._episodes, maxlen=max(1, entries))
+        """Keep the latest ``entries`` episodes (and no more than MAX_EPISODE_ENTRIES hold)."""
+        with self._episode_lock:
+            self._episodes_kept = max(1, entries)
+            while len(self._episodes) > self._episodes_kept:
+                self._episode_entries -= _entries(self._episodes.popleft())
+
+
+def _entries(episode: Episode) -> int:
+    return len(episode.holdings) + len(episode.asked)
 
 
 def open_memory(path: str) -> MemorySource:
@@ -567,7 +601,7 @@ class Registry:
         if self._procs.get(proc.tgid) is proc:
             del self._procs[proc.tgid]
         self._by_pidfd.pop(proc.pidfd, None)
-        self.controller.unanswerable.discard(proc.tgid)
+        self.controller.forget_process(proc.tgid)
         if self._watcher is not None:
             self._watcher.remove(proc.pidfd)
         os.close(proc.pidfd)
@@ -1010,6 +1044,10 @@ class Operations:
         if path == "/" + STATUS_FILE:
             snapshot = self._registry.status()
             with self._lock:
+                held = sum(len(each) for each in self._snapshots.values())
+                if held + len(snapshot) > MAX_STATUS_BYTES:
+                    del self._snapshots[fh]
+                    raise self._error(errno.EMFILE)
                 self._snapshots[fh] = snapshot
         fi.fh = fh
         # No page cache: every write(2) is one request, every read sees our snapshot.
