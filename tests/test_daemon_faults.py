@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 
 from pyshrinker._syscalls import eventfd_read
-from pyshrinker.transport import CONTROLLER_DIR_ENV
+from pyshrinker.daemon import REQUEST_FILE, read_status
+from pyshrinker.transport import CONTROLLER_DIR_ENV, FilesTransport
 
-from .daemon_helpers import Daemons, Raw, running_daemons, shrinker_count
+from .daemon_helpers import NOBODY, Daemons, Raw, fork_and, running_daemons, shrinker_count
 
 pytestmark = pytest.mark.kernel
 
@@ -261,3 +262,84 @@ class TestBoundedMemory:
         # Before: about 1.3 MiB more per episode (every holding of every episode kept).
         assert late - early < 8 * MiB
         assert status.daemon["requests_sent"] == 1 + 80 * 4096
+
+
+class TestSmaller:
+    """Item 14: one eventfd, one registration; a full table; who sees and who shrinks whom."""
+
+    def test_same_eventfd_under_another_number(self, daemon, raw):
+        """A dup of a registered eventfd is EINVAL (before: a second shrinker, asked twice)."""
+        efd = raw.register()
+        again = os.dup(efd)
+        raw.eventfds.append(again)
+        for line in (f"{again} {raw.shrinker} 4096\n", f"{again} {raw.level} low\n"):
+            with pytest.raises(OSError) as info:
+                raw.write_control(line)
+            assert info.value.errno == errno.EINVAL
+        # A child that inherited it cannot register it either: it is one eventfd.
+        line = f"{efd} {raw.shrinker} 4096\n"
+        assert fork_and(lambda: raw.write_control(line)) == errno.EINVAL
+        assert [(s.pid, s.efd) for s in daemon.status().shrinkers] == [(os.getpid(), efd)]
+        raw.write_control(f"{efd} -\n")  # unregistered: the other number may have it now
+        raw.write_control(f"{again} {raw.shrinker} 4096\n")
+        assert [(s.pid, s.efd) for s in daemon.status().shrinkers] == [(os.getpid(), again)]
+
+    def test_full_table_is_controller_full(self, daemons):
+        """ENOSPC reaches a client as ControllerFull (a TransportError), not a bare errno."""
+        from pyshrinker.errors import ControllerFull, TransportError
+
+        full = daemons.start("--max-total", "1")
+        a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            with FilesTransport.open(full.mount) as transport:
+                transport.register(a, 4096, 1.0)
+                with pytest.raises(ControllerFull) as info:
+                    transport.register(b, 4096, 1.0)
+            assert info.value.errno == errno.ENOSPC
+            assert isinstance(info.value, TransportError)
+        finally:
+            os.close(a)
+            os.close(b)
+
+    def test_status_shows_other_users_nothing(self, daemons):
+        """An allowed user sees its own processes and the totals, not root's pids and counts."""
+        shared = daemons.start("--allow-other", "--allow-uid", str(NOBODY), world=True)
+        files = Raw(shared.mount)
+        root_pid = os.getpid()
+
+        def as_nobody() -> None:
+            mine = Raw(shared.mount)
+            efd = mine.register()
+            mine.write_report(f"{efd} 3\n")
+            status = read_status(shared.mount)
+            seen = {s.pid for s in status.shrinkers} | {r.pid for r in status.requests}
+            seen |= {h.pid for e in status.episodes for h in e.holdings}
+            if seen != {os.getpid()} or status.daemon["processes"] != 2:
+                raise OSError(errno.EEXIST, f"nobody sees {seen}")
+
+        try:
+            efd = files.register()
+            files.write_report(f"{efd} 5\n")
+            files.request("shrink 4096\n")
+            # Root sees its own (this also imports what the child needs: as nobody it could not
+            # read this interpreter's files under /root).
+            assert {s.pid for s in shared.status().shrinkers} == {root_pid}
+            assert fork_and(as_nobody, uid=NOBODY) == 0
+        finally:
+            files.close()
+
+    def test_test_control_for_root_and_the_daemon_user_only(self, daemons):
+        """Another allowed user may not open mempressure.request, nor write through root's fd."""
+        shared = daemons.start("--allow-other", "--allow-uid", str(NOBODY), world=True)
+        files = Raw(shared.mount)
+        path = os.path.join(shared.mount, REQUEST_FILE)
+        try:
+            efd = files.register()
+            files.write_report(f"{efd} 10\n")
+            assert fork_and(lambda: os.open(path, os.O_WRONLY), uid=NOBODY) == errno.EACCES
+            files.request("level low\n")  # root may; the fd stays open
+            line = f"{os.getpid()} {efd} 5\n"
+            assert fork_and(lambda: files.request(line), uid=NOBODY) == errno.EACCES
+            assert shrinker_count(shared.status(), os.getpid(), efd) == 10
+        finally:
+            files.close()

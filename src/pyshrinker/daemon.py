@@ -42,7 +42,9 @@ How the kernel and libfuse behave, and what follows:
 Who may use it: without ``--allow-other`` the kernel lets only the mounting user in. With it,
 every open and every write is checked: root, the daemon's own uid, ``--allow-uid`` users and
 members of ``--allow-gid`` groups pass, others get EACCES. Root is always allowed because it can
-take any process's fds anyway; refusing it would protect nothing.
+take any process's fds anyway; refusing it would protect nothing. Only root and the daemon's
+uid see every process in the status file and may use ``mempressure.request``; another allowed
+user sees the daemon's totals and its own processes only.
 
 Bounds: lines longer than :data:`~pyshrinker.abi.MAX_LINE` bytes are refused (EINVAL), as are
 registrations past ``--max-per-process`` or ``--max-total`` (ENOSPC); at most
@@ -143,6 +145,32 @@ def _refuse(code: int, why: str) -> Refused:
     return Refused(code, f"{os.strerror(code)}: {why}")
 
 
+# ---------------------------------------------------------------------- which eventfd
+
+
+def parse_eventfd_id(fdinfo: str) -> int | None:
+    """The ``eventfd-id:`` of ``/proc/<pid>/fdinfo/<fd>`` text (Linux 5.10+), or None."""
+    for line in fdinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key == "eventfd-id":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"bad eventfd-id line: {line!r}") from None
+    return None
+
+
+def eventfd_id(fd: int, proc: str = "/proc") -> int | None:
+    """The kernel's id of the eventfd behind this process's ``fd``, None if it does not say.
+
+    Every eventfd has one inode (the anonymous inode), so ``st_ino`` cannot tell two apart;
+    the id can: it is unique among the eventfds alive, and a registration keeps its eventfd
+    alive (the daemon holds a duplicate). Reading our own fdinfo makes no FUSE call.
+    """
+    with open(f"{proc}/self/fdinfo/{fd}", encoding="ascii") as f:
+        return parse_eventfd_id(f.read())
+
+
 # ---------------------------------------------------------------------- who is writing
 
 
@@ -213,6 +241,10 @@ class AccessPolicy:
         if uid in (0, self.owner) or uid in self.uids:
             return True
         return bool(self.gids) and (gid in self.gids or not self.gids.isdisjoint(groups))
+
+    def privileged(self, uid: int) -> bool:
+        """Root or the daemon's own user: sees every process in the status, may test-control."""
+        return uid in (0, self.owner)
 
     def needs_groups(self, uid: int, gid: int) -> bool:
         """Whether the answer for (uid, gid) depends on the supplementary groups."""
@@ -476,6 +508,8 @@ class _Registration:
     efd: int
     dup: int
     level: Level | None = None
+    #: The eventfd's kernel id (see :func:`eventfd_id`), None if the kernel does not show it.
+    ident: int | None = None
 
 
 @attrs.define(eq=False)
@@ -512,6 +546,8 @@ class Registry:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
     _procs: dict[int, _Process] = attrs.field(factory=dict, alias="procs")
     _by_pidfd: dict[int, _Process] = attrs.field(factory=dict, alias="by_pidfd")
+    #: Registered eventfds by kernel id: (pid, efd) of the registration.
+    _by_ident: dict[int, tuple[int, int]] = attrs.field(factory=dict, alias="by_ident")
     _total: int = attrs.field(default=0, alias="total")
     _watcher: ExitWatcher | None = attrs.field(default=None, alias="watcher")
     _closed: bool = attrs.field(default=False, alias="closed")
@@ -595,6 +631,7 @@ class Registry:
         # unregister returns, the duplicate is never written again and may be closed.
         for reg in proc.regs.values():
             self.controller.unregister((proc.tgid, reg.efd))
+            self._forget_ident(reg)
             os.close(reg.dup)
         self._total -= len(proc.regs)
         proc.regs.clear()
@@ -605,6 +642,11 @@ class Registry:
         if self._watcher is not None:
             self._watcher.remove(proc.pidfd)
         os.close(proc.pidfd)
+
+    def _forget_ident(self, reg: _Registration) -> None:
+        # Called with the lock held, before the duplicate is closed (its id may then be reused).
+        if reg.ident is not None:
+            self._by_ident.pop(reg.ident, None)
 
     def _process_exited(self, pidfd: int) -> None:
         with self._lock:
@@ -686,15 +728,25 @@ class Registry:
         dup = self._duplicate_eventfd(proc, parsed.efd)
         key = (proc.tgid, parsed.efd)
         try:
+            # One eventfd, one registration, as the proposed kernel keyed them: the same
+            # eventfd under a second fd number (dup, or inherited by a child) would be asked
+            # twice for the same chunks.
+            ident = eventfd_id(dup, self.proc)
+            if ident is not None and ident in self._by_ident:
+                pid, efd = self._by_ident[ident]
+                why = f"eventfd {parsed.efd} is the one process {pid} registered as {efd}"
+                raise _refuse(errno.EINVAL, why)
+            level = None if isinstance(parsed, RegisterShrinker) else parsed.level
             if isinstance(parsed, RegisterShrinker):
                 self.controller.register(key, dup, parsed.chunk_size, parsed.cost)
-                proc.regs[parsed.efd] = _Registration(parsed.efd, dup)
             else:
                 self.controller.register_level(key, dup, parsed.level)
-                proc.regs[parsed.efd] = _Registration(parsed.efd, dup, parsed.level)
         except BaseException:
             os.close(dup)
             raise
+        proc.regs[parsed.efd] = _Registration(parsed.efd, dup, level, ident)
+        if ident is not None:
+            self._by_ident[ident] = key
         self._total += 1
 
     def _unregister(self, caller: Caller, line: bytes) -> None:
@@ -708,6 +760,7 @@ class Registry:
             if proc is None or reg is None:
                 raise _refuse(errno.EINVAL, f"eventfd {efd} is not registered")
             self.controller.unregister((proc.tgid, efd))
+            self._forget_ident(reg)
             os.close(reg.dup)
             self._total -= 1
             self._forget_if_empty(proc)
@@ -725,9 +778,19 @@ class Registry:
             self.controller.report((proc.tgid, parsed.efd), parsed.chunks)
         self._bump("reports")
 
+    def check_test_control(self, caller: Caller) -> None:
+        """EACCES unless ``caller`` may use ``mempressure.request``: root or the daemon's user.
+
+        It asks any process for chunks and raises levels for all: an allowed user may register
+        and report, not make the daemon ask other users' processes.
+        """
+        if not self.policy.privileged(caller.uid):
+            raise _refuse(errno.EACCES, f"uid {caller.uid} may not use {REQUEST_FILE}")
+
     def test_control(self, caller: Caller, line: bytes) -> None:
         """A write to ``mempressure.request`` (``--test-control`` only)."""
         self.check_access(caller)
+        self.check_test_control(caller)
         command = parse_test_control(line)
         if isinstance(command, LevelCommand):
             self.controller.notify_level(command.level)
@@ -743,8 +806,13 @@ class Registry:
 
     # ------------------------------------------------------------------ status
 
-    def status(self) -> bytes:
-        """The status file's content: JSON lines (see :func:`parse_status`)."""
+    def status(self, viewer: Caller | None = None) -> bytes:
+        """The status file's content: JSON lines (see :func:`parse_status`).
+
+        For root and the daemon's user (and ``viewer=None``) every process; for another allowed
+        user only the processes that user registered, plus the daemon's totals: pids, counts
+        and requests are not shown across users.
+        """
         lines: list[dict[str, Any]] = []
         controller = self.controller
         memory: dict[str, Any] = {"kind": "daemon", "pid": os.getpid(), "mount": self.mount}
@@ -761,16 +829,26 @@ class Registry:
         if marks is not None:
             memory.update(high=marks.high, low=marks.low)
         memory["signals"] = controller.describe_signals()
-        memory["distrusted"] = controller.distrusted()
-        memory["unanswerable"] = sorted(controller.unanswerable)
         with self._lock:
             memory.update(processes=len(self._procs), registrations=self._total)
+            shown: set[int] | None = None
+            if viewer is not None and not self.policy.privileged(viewer.uid):
+                shown = {p.tgid for p in self._procs.values() if p.uid == viewer.uid}
             levels = [
                 {"kind": "level", "pid": p.tgid, "efd": r.efd, "level": r.level.label}
                 for p in self._procs.values()
                 for r in p.regs.values()
-                if r.level is not None
+                if r.level is not None and (shown is None or p.tgid in shown)
             ]
+
+        def shows(pid: int) -> bool:
+            return shown is None or pid in shown
+
+        def visible(key: Hashable) -> bool:
+            return shows(_pid_efd(key)[0])
+
+        memory["distrusted"] = [pid for pid in controller.distrusted() if shows(pid)]
+        memory["unanswerable"] = sorted(pid for pid in controller.unanswerable if shows(pid))
         with self._counter_lock:
             memory.update(
                 requests_sent=self._requests_sent,
@@ -778,9 +856,11 @@ class Registry:
                 counters=dict(self.counters),
             )
         lines.append(memory)
-        lines.extend(_shrinker_line(info) for info in controller.shrinkers())
+        lines.extend(_shrinker_line(info) for info in controller.shrinkers() if visible(info.key))
         lines.extend(levels)
         for request in controller.history()[-self.status_history :]:
+            if not visible(request.key):
+                continue
             pid, efd = _pid_efd(request.key)
             lines.append(
                 {
@@ -800,9 +880,13 @@ class Registry:
                     "need": episode.need,
                     "reason": episode.reason,
                     "holdings": [
-                        [*_pid_efd(h.key), h.count, h.chunk_size, h.cost] for h in episode.holdings
+                        [*_pid_efd(h.key), h.count, h.chunk_size, h.cost]
+                        for h in episode.holdings
+                        if visible(h.key)
                     ],
-                    "asked": [[*_pid_efd(key), chunks] for key, chunks in episode.asked],
+                    "asked": [
+                        [*_pid_efd(key), chunks] for key, chunks in episode.asked if visible(key)
+                    ],
                 }
             )
         return "".join(json.dumps(line) + "\n" for line in lines).encode("ascii")
@@ -1027,6 +1111,8 @@ class Operations:
         try:
             caller = self._caller()
             self._registry.check_access(caller)
+            if path == "/" + REQUEST_FILE:
+                self._registry.check_test_control(caller)
         except OSError as err:
             raise self._error(err.errno or errno.EACCES) from err
         accmode = fi.flags & os.O_ACCMODE
@@ -1042,7 +1128,7 @@ class Operations:
                     raise self._error(errno.EMFILE)
                 self._snapshots[fh] = b""
         if path == "/" + STATUS_FILE:
-            snapshot = self._registry.status()
+            snapshot = self._registry.status(caller)
             with self._lock:
                 held = sum(len(each) for each in self._snapshots.values())
                 if held + len(snapshot) > MAX_STATUS_BYTES:
@@ -1315,7 +1401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--test-control",
         action="store_true",
-        help=f"serve a writable {REQUEST_FILE} to request chunks or levels by hand (tests only)",
+        help=f"serve a writable {REQUEST_FILE} to request chunks or levels by hand (tests only;"
+        " root and the daemon's user only)",
     )
     parser.add_argument(
         "--ready-fd",
