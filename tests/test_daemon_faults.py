@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,7 +23,16 @@ from pyshrinker._syscalls import eventfd_read
 from pyshrinker.daemon import REQUEST_FILE, read_status
 from pyshrinker.transport import CONTROLLER_DIR_ENV, FilesTransport
 
-from .daemon_helpers import NOBODY, Daemons, Raw, fork_and, running_daemons, shrinker_count
+from .daemon_helpers import (
+    NOBODY,
+    Daemons,
+    Raw,
+    eventfds_of,
+    fork_and,
+    running_daemons,
+    shrinker_count,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -343,3 +353,106 @@ class TestSmaller:
             assert shrinker_count(shared.status(), os.getpid(), efd) == 10
         finally:
             files.close()
+
+
+#: A client in a loop: register a blocking eventfd (and a level), report, until killed.
+REPORT_FOREVER = """
+import os, sys
+mount = sys.argv[1]
+control = os.open(os.path.join(mount, "cgroup.event_control"), os.O_WRONLY)
+shrinker = os.open(os.path.join(mount, "mempressure.shrinker"), os.O_WRONLY)
+level = os.open(os.path.join(mount, "mempressure.level"), os.O_RDONLY)
+efd, lefd = os.eventfd(0), os.eventfd(0)
+os.write(control, f"{efd} {shrinker} 4096\\n".encode())
+os.write(control, f"{lefd} {level} low\\n".encode())
+print("ready", flush=True)
+while True:
+    os.write(shrinker, f"{efd} 1\\n".encode())
+"""
+
+
+def fuzz_line(rng: random.Random, fds: list[int]) -> bytes:
+    """A line that is usually malformed: wrong fields, fds, numbers, words, bytes, lengths."""
+    pieces = [
+        lambda: str(rng.choice(fds)),
+        lambda: str(rng.randrange(-3, 1 << 20)),
+        lambda: str(rng.choice([0, -1, 2**31, 2**48, 2**48 + 1, 2**64, 10**400])),
+        lambda: rng.choice(["low", "medium", "oom", "critical", "-", "+", "shrink", "level"]),
+        lambda: rng.choice(["1e-320", "nan", "inf", "0.001", "1000", "1_0", "0x10", "4k"]),
+        lambda: rng.randbytes(rng.randrange(1, 8)).decode("latin-1"),
+    ]
+    body = " ".join(rng.choice(pieces)() for _ in range(rng.randrange(0, 6)))
+    line = body.encode("latin-1") + rng.choice([b"\n", b"", b"\n\n", b"\x00", b"\n1 2\n"])
+    return line if rng.random() > 0.01 else line * 40  # and now and then too long
+
+
+class TestWhatHeldUp:
+    """What the issue found robust stays so: malformed input, churn, killed clients."""
+
+    def test_malformed_lines(self, daemon, raw):
+        """6000 mostly malformed lines: each answered with a kernel errno, nothing leaks."""
+        rng = random.Random(9)
+        before = eventfds_of(daemon.pid)
+        efds = [raw.register() for _ in range(2)]
+        other = raw.eventfd()
+        fds = [*efds, other, raw.control, raw.shrinker, raw.level, 0, 999]
+        allowed = {errno.EINVAL, errno.EBADF, errno.ENOSPC, errno.EPERM}
+        answers: dict[str, int] = {}
+        for i in range(6000):
+            line = fuzz_line(rng, fds)
+            target = (raw.control, raw.shrinker)[i % 2]
+            try:
+                os.write(target, line)
+                answers["ok"] = answers.get("ok", 0) + 1
+            except OSError as err:
+                assert err.errno in allowed, (line, err)
+                answers[errno.errorcode[err.errno]] = answers.get(errno.errorcode[err.errno], 0) + 1
+            if i % 3 == 0:
+                try:
+                    raw.request(fuzz_line(rng, fds).decode("latin-1"))
+                except OSError as err:
+                    assert err.errno in allowed, err
+        print(json.dumps(answers))
+        status = daemon.status()
+        registered = status.daemon["registrations"]
+        assert eventfds_of(daemon.pid) == before + registered
+        assert daemon.popen.poll() is None
+
+    def test_churn_leaves_rss_flat(self, daemon, raw):
+        """Register, report, unregister 12,000 times: the daemon's RSS stays where it was."""
+        efd = raw.eventfd()
+
+        def cycles(n: int) -> None:
+            for _ in range(n):
+                raw.write_control(f"{efd} {raw.shrinker} 4096\n")
+                raw.write_report(f"{efd} 5\n")
+                raw.write_control(f"{efd} -\n")
+
+        cycles(2000)
+        early = rss(daemon.pid)
+        cycles(10000)
+        late = rss(daemon.pid)
+        print(json.dumps({"rss_after_2000_mib": early / MiB, "rss_after_12000_mib": late / MiB}))
+        assert late - early < 2 * MiB
+        assert daemon.status().shrinkers == ()
+
+    def test_clients_killed_mid_report(self, daemon):
+        """24 clients SIGKILLed while reporting: every registration and duplicate goes."""
+        before = eventfds_of(daemon.pid)
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", REPORT_FOREVER, daemon.mount], stdout=subprocess.PIPE
+            )
+            for _ in range(24)
+        ]
+        try:
+            for client in clients:
+                assert client.stdout is not None and client.stdout.readline() == b"ready\n"
+            assert len(daemon.status().shrinkers) == 24
+        finally:
+            for client in clients:
+                client.kill()
+            for client in clients:
+                client.wait()
+        assert wait_for(lambda: daemon.status().daemon["registrations"] == 0, timeout=10)
+        assert eventfds_of(daemon.pid) == before
