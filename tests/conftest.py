@@ -54,3 +54,34 @@ def require_psi() -> str:
     """The system PSI memory file, required."""
     need(psi_available(), "needs PSI (/proc/pressure/memory)")
     return "/proc/pressure/memory"
+
+
+# ---------------------------------------------------------------------- pyshrinkerd (FUSE)
+# (daemon_helpers imports this module: it is imported inside the fixtures.)
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    """Factory for pyshrinkerd processes, all stopped and unmounted afterwards."""
+    from .daemon_helpers import running_daemons
+
+    with running_daemons(str(tmp_path)) as made:
+        yield made
+
+
+@pytest.fixture
+def daemon(daemons):
+    """One pyshrinkerd with --test-control, mounted on a fresh directory."""
+    return daemons.start()
+
+
+@pytest.fixture
+def raw(daemon):
+    """The daemon's files, opened by hand (closed afterwards)."""
+    from .daemon_helpers import Raw
+
+    files = Raw(daemon.mount)
+    try:
+        yield files
+    finally:
+        files.close()

@@ -44,35 +44,11 @@ from .daemon_helpers import (
     eventfds_of,
     fork_and,
     json_lines,
-    running_daemons,
     shrinker_count,
     wait_for,
 )
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    """Factory for pyshrinkerd processes, all stopped and unmounted afterwards."""
-    with running_daemons(str(tmp_path)) as made:
-        yield made
-
-
-@pytest.fixture
-def daemon(daemons):
-    """One pyshrinkerd with --test-control, mounted on a fresh directory."""
-    return daemons.start()
-
-
-@pytest.fixture
-def raw(daemon):
-    """The daemon's files, opened by hand (closed afterwards)."""
-    files = Raw(daemon.mount)
-    try:
-        yield files
-    finally:
-        files.close()
 
 
 @pytest.fixture(scope="module")

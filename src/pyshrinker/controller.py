@@ -736,9 +736,10 @@ class Controller:
             return self.config.longest_poll
         state = self._last_state
         above = state is not None and state.working_set >= self._marks.high
-        if self._in_flight or above:
+        if self._in_flight or self._rounds or above:
             # Above the high watermark, or waiting to see a request's effect: read often, unless
-            # usage thresholds will tell us of every crossing (then only to escalate).
+            # usage thresholds will tell us of every crossing (then only to escalate). Rounds to
+            # judge need readings too: a threshold tells of the crossing, not how low usage went.
             if self._thresholds:
                 return self.config.episode_poll
             return self.config.shortest_poll
