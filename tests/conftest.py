@@ -16,6 +16,10 @@ REQUIRE_KERNEL = os.environ.get("PYSHRINKER_REQUIRE_KERNEL") == "1"
 
 MiB = 1 << 20
 
+#: Prefix of the cgroups tests create; ``PYSHRINKER_TEST_CGROUP_PREFIX`` overrides it, so that
+#: runs side by side on one machine can tell theirs apart.
+CGROUP_PREFIX = os.environ.get("PYSHRINKER_TEST_CGROUP_PREFIX", "pyshrinker-test-")
+
 
 def need(available: bool, reason: str) -> None:
     """Skip (or, where the kernel is required, fail) unless ``available``."""
@@ -36,7 +40,7 @@ def v1_group() -> Iterator[Callable[[int], ManagedCgroupV1]]:
     made: list[ManagedCgroupV1] = []
 
     def make(limit: int = 128 * MiB) -> ManagedCgroupV1:
-        group = ManagedCgroupV1.create(f"pyshrinker-test-{uuid.uuid4().hex[:12]}", limit)
+        group = ManagedCgroupV1.create(f"{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}", limit)
         made.append(group)
         return group
 
@@ -50,3 +54,34 @@ def require_psi() -> str:
     """The system PSI memory file, required."""
     need(psi_available(), "needs PSI (/proc/pressure/memory)")
     return "/proc/pressure/memory"
+
+
+# ---------------------------------------------------------------------- pyshrinkerd (FUSE)
+# (daemon_helpers imports this module: it is imported inside the fixtures.)
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    """Factory for pyshrinkerd processes, all stopped and unmounted afterwards."""
+    from .daemon_helpers import running_daemons
+
+    with running_daemons(str(tmp_path)) as made:
+        yield made
+
+
+@pytest.fixture
+def daemon(daemons):
+    """One pyshrinkerd with --test-control, mounted on a fresh directory."""
+    return daemons.start()
+
+
+@pytest.fixture
+def raw(daemon):
+    """The daemon's files, opened by hand (closed afterwards)."""
+    from .daemon_helpers import Raw
+
+    files = Raw(daemon.mount)
+    try:
+        yield files
+    finally:
+        files.close()

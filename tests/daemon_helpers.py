@@ -16,6 +16,9 @@ from pyshrinker.daemon import REQUEST_FILE, DaemonProcess, Status, fuse_unavaila
 
 from .conftest import need
 
+#: The uid (and gid) tests drop to for "another user".
+NOBODY = 65534
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C_CLIENT_SOURCE = os.path.join(ROOT, "examples", "c", "mempressure_client.c")
 
@@ -166,3 +169,23 @@ def compile_c_client(directory: str) -> str:
 def json_lines(text: str) -> list[dict]:
     """The JSON objects among ``text``'s lines."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def fork_and(action: Callable[[], object], uid: int | None = None) -> int:
+    """Run ``action`` in a forked child (as ``uid``); returns 0 or the errno it raised."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            action()
+        except OSError as err:
+            code = err.errno or 255
+        except BaseException:
+            code = 254
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from pyshrinker.abi import (
     MAX_CHUNK_SIZE,
+    MAX_COST,
     MAX_LINE,
     MAX_REPORT,
+    MIN_COST,
     Level,
     RegisterLevel,
     RegisterShrinker,
@@ -28,7 +30,7 @@ from pyshrinker.errors import AbiError, PyshrinkerError
 
 fds = st.integers(0, 2**31 - 1)
 chunk_sizes = st.integers(1, MAX_CHUNK_SIZE)
-costs = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
+costs = st.floats(min_value=MIN_COST, max_value=MAX_COST)
 report_counts = st.integers(-MAX_REPORT, MAX_REPORT)
 
 
@@ -216,6 +218,9 @@ class TestMalformedEventControl:
             pytest.param("3 4 4096 nan", id="cost-nan"),
             pytest.param("3 4 4096 inf", id="cost-inf"),
             pytest.param("3 4 4096 1e999", id="cost-overflows"),
+            pytest.param("3 4 4096 1e-320", id="cost-subnormal"),
+            pytest.param("3 4 4096 0.0009", id="cost-too-small"),
+            pytest.param("3 4 4096 1001", id="cost-too-large"),
             pytest.param("3 4 4096 cheap", id="cost-word"),
             pytest.param("3 4 4096 1_0", id="cost-underscore"),
             pytest.param("3 4 4096\n5 6 4096\n", id="two-lines"),
@@ -348,14 +353,17 @@ class TestValidators:
         with pytest.raises(AbiError):
             validate_chunk_size(value)  # type: ignore[arg-type]
 
-    @pytest.mark.parametrize("value", [1, 0.5, 2.0, 1e-300, 1e300])
+    @pytest.mark.parametrize("value", [1, 0.5, 2.0, MIN_COST, MAX_COST, 1000])
     def test_cost_ok(self, value: float) -> None:
-        """Finite positive costs come back as floats."""
+        """Costs from 0.001 to 1000 come back as floats."""
         result = validate_cost(value)
         assert result == value and isinstance(result, float)
 
-    @pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), float("inf"), "1", True, None])
+    @pytest.mark.parametrize(
+        "value",
+        [0, -1.0, 1e-320, 1e-300, 0.000999, 1000.001, 1e300, math.nan, math.inf, "1", True, None],
+    )
     def test_cost_bad(self, value: object) -> None:
-        """Zero, negative, NaN, infinite and non-numbers are refused."""
+        """Zero, negative, out of 0.001..1000 (a subnormal too), NaN, infinite, non-numbers."""
         with pytest.raises(AbiError):
             validate_cost(value)  # type: ignore[arg-type]

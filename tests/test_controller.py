@@ -95,9 +95,9 @@ class TestRegistry:
         with pytest.raises(ValueError):  # AbiError is a ValueError too
             c.register(fd, fd, size)
 
-    @pytest.mark.parametrize("cost", [0, -1.0, float("inf"), float("nan")])
+    @pytest.mark.parametrize("cost", [0, -1.0, 1e-320, 1e-4, 1e4, float("inf"), float("nan")])
     def test_bad_cost(self, efds, cost):
-        """Costs must be finite and positive."""
+        """Costs must be from 0.001 to 1000 (issue 9: 1e-320 made shares infinite, then NaN)."""
         c = Controller.create(None)
         fd = efds()
         with pytest.raises(AbiError):
@@ -310,6 +310,74 @@ class TestEvaluate:
         c.report(fd, 10)
         c.evaluate()
         assert read_counter(fd) == 0
+
+
+class TestHostileClaims:
+    """Issue 9: a shrinker claiming 2**48 chunks cannot take all the asks."""
+
+    def make(self, efds, **config):
+        memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)  # high 224, low 192 MiB
+        c = Controller.create(memory, config=ControllerConfig(**config))
+        liar, honest = efds(), efds()
+        c.register(liar, liar, 4096)
+        c.register(honest, honest, 4096)
+        c.report(liar, 2**48)
+        c.report(honest, 200 * 256)  # 200 MiB
+        return c, memory, liar, honest
+
+    def test_claim_weighs_at_most_the_working_set(self, efds):
+        """Before: the honest shrinker was asked one chunk; now its share against 250 MiB."""
+        c, _, _, honest = self.make(efds)
+        c.evaluate()
+        need = 58 * MiB
+        asked = read_counter(honest) * 4096
+        assert asked == pytest.approx(need * 200 / 450, abs=4096)
+
+    def test_a_round_that_did_not_help_asks_the_others(self, efds):
+        """Usage did not fall after the liar was asked the most: it weighs 1/16 from then on."""
+        c, memory, liar, honest = self.make(efds, escalate_after=0.05, grace=0.0)
+        c.evaluate()
+        first = read_counter(honest)
+        read_counter(liar)
+        time.sleep(0.06)
+        c.evaluate()  # judged: the working set did not move
+        second = read_counter(honest) * 4096
+        held = 200 * MiB - first * 4096
+        assert second == pytest.approx(58 * MiB * held / (held + 250 * MiB / 16), abs=4096)
+        memory.set(100 * MiB)  # the episode is over: everyone trusted again
+        c.evaluate()
+        memory.set(250 * MiB)
+        c.evaluate()
+        assert read_counter(honest) * 4096 < second / 2
+
+    def test_a_round_that_helped_changes_nothing(self, efds):
+        """A round after which usage fell by half of what it asked leaves the liar trusted."""
+        c, memory, _, honest = self.make(efds, escalate_after=0.05, grace=0.0)
+        c.evaluate()
+        held = 200 * MiB - read_counter(honest) * 4096
+        memory.set(220 * MiB)  # fell by 30 MiB, more than half of the 58 MiB asked
+        c.evaluate()
+        time.sleep(0.06)
+        memory.set(250 * MiB)
+        c.evaluate()
+        asked = read_counter(honest) * 4096
+        assert asked == pytest.approx(58 * MiB * held / (held + 250 * MiB), abs=4096)
+
+
+class TestBoundedBooks:
+    """Issue 9: what the controller remembers per request stays bounded."""
+
+    def test_in_flight_bounded_without_evaluations(self, efds):
+        """Shrinks with no evaluation between them (pyshrinkerd's test control, many shrinkers):
+        expired in-flight entries go when the next request is sent (before: only on evaluate)."""
+        c = Controller.create(None, config=ControllerConfig(grace=0.0))
+        for fd in [efds() for _ in range(10)]:
+            c.register(fd, fd, 4096)
+            c.report(fd, 10_000)
+        for _ in range(200):
+            assert sum(c.shrink(10 * 4096).values()) == 10
+        assert len(c._in_flight) <= 10
+        assert len(c._rounds) <= 64
 
 
 class TestThread:

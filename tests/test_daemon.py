@@ -20,7 +20,9 @@ from pyshrinker.daemon import (
     RequestCommand,
     ShrinkCommand,
     add_arguments,
+    eventfd_id,
     mounted,
+    parse_eventfd_id,
     parse_proc_status,
     parse_status,
     parse_test_control,
@@ -36,11 +38,12 @@ from pyshrinker.errors import (
 from pyshrinker.transport import CONTROLLER_DIR_ENV, FilesTransport
 
 from .daemon_helpers import (
+    NOBODY,
     Raw,
     compile_c_client,
     eventfds_of,
+    fork_and,
     json_lines,
-    running_daemons,
     shrinker_count,
     wait_for,
 )
@@ -48,36 +51,10 @@ from .daemon_helpers import (
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture
-def daemons(tmp_path):
-    """Factory for pyshrinkerd processes, all stopped and unmounted afterwards."""
-    with running_daemons(str(tmp_path)) as made:
-        yield made
-
-
-@pytest.fixture
-def daemon(daemons):
-    """One pyshrinkerd with --test-control, mounted on a fresh directory."""
-    return daemons.start()
-
-
-@pytest.fixture
-def raw(daemon):
-    """The daemon's files, opened by hand (closed afterwards)."""
-    files = Raw(daemon.mount)
-    try:
-        yield files
-    finally:
-        files.close()
-
-
 @pytest.fixture(scope="module")
 def c_client(tmp_path_factory):
     """examples/c/mempressure_client.c, compiled."""
     return compile_c_client(str(tmp_path_factory.mktemp("c")))
-
-
-NOBODY = 65534
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -100,6 +77,22 @@ class TestParsers:
         """A status without a sane Tgid line is refused."""
         with pytest.raises(ValueError):
             parse_proc_status(text)
+
+    def test_eventfd_id(self):
+        """The eventfd-id line of fdinfo: the same for a dup, different for another eventfd."""
+        text = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1039\neventfd-count: 5\neventfd-id: 12\n"
+        assert parse_eventfd_id(text) == 12
+        assert parse_eventfd_id("pos:\t0\n") is None
+        with pytest.raises(ValueError):
+            parse_eventfd_id("eventfd-id: x\n")
+        a, b = os.eventfd(0), os.eventfd(0)
+        c = os.dup(a)
+        try:
+            assert eventfd_id(a) == eventfd_id(c) != eventfd_id(b)
+            assert eventfd_id(a) is not None
+        finally:
+            for fd in (a, b, c):
+                os.close(fd)
 
     def test_own_proc_status(self):
         """This thread's status gives this process's pid."""
@@ -514,30 +507,10 @@ class TestReports:
         """A child's shrinker with the same eventfd number is another registration."""
         efd = raw.register()
         raw.write_report(f"{efd} 3\n")
-        child = _fork_and(lambda: raw.write_report(f"{efd} 1\n"))
+        child = fork_and(lambda: raw.write_report(f"{efd} 1\n"))
         # The child inherited the fds but did not register: its report is EINVAL.
         assert child == errno.EINVAL
         assert shrinker_count(daemon.status(), os.getpid(), efd) == 3
-
-
-def _fork_and(action, uid: int | None = None) -> int:
-    """Run ``action`` in a forked child (as ``uid``); returns 0 or the errno it raised."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 0
-        try:
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-            action()
-        except OSError as err:
-            code = err.errno or 255
-        except BaseException:
-            code = 254
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 class TestRequests:
@@ -763,7 +736,7 @@ class TestLimits:
         try:
             files.register()
             files.register()
-            child = _fork_and(lambda: files.register())
+            child = fork_and(lambda: files.register())
             assert child == errno.ENOSPC
         finally:
             files.close()
@@ -793,7 +766,7 @@ class TestAccess:
             files.register()
             files.write_report(f"{files.eventfds[0]} 1\n")
 
-        return _fork_and(action, uid=NOBODY)
+        return fork_and(action, uid=NOBODY)
 
     def test_other_user_without_allow_other(self, daemons):
         """Without --allow-other the kernel lets nobody else in: EACCES."""
@@ -824,7 +797,7 @@ class TestAccess:
         try:
             efd = files.eventfd()
             line = f"{efd} {files.shrinker} 4096\n"
-            assert _fork_and(lambda: files.write_control(line), uid=NOBODY) == errno.EACCES
+            assert fork_and(lambda: files.write_control(line), uid=NOBODY) == errno.EACCES
         finally:
             files.close()
 
@@ -839,7 +812,7 @@ class TestAccess:
                 os._exit(0)
             os._exit(1)
 
-        assert _fork_and(action, uid=NOBODY) == 0
+        assert fork_and(action, uid=NOBODY) == 0
 
 
 class TestTransport:

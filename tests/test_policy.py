@@ -7,13 +7,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pyshrinker.policy import (
+    DISTRUSTED_WEIGHT,
     MIN_HEADROOM,
     Holding,
     MiB,
     Watermarks,
     bytes_to_free,
+    dominant,
     poll_interval,
     share,
+    weight,
+    weights,
 )
 
 from .strategies import byte_counts, holdings, limits, share_cases
@@ -212,6 +216,16 @@ class TestShareExamples:
         """A request smaller than a chunk still asks one chunk."""
         assert share(1, [Holding(10, MiB)]) == [1]
 
+    def test_small_need_asks_one_chunk_in_all(self) -> None:
+        """Issue 9: a 4 KiB need of 4096 shrinkers asked one chunk of each (16 MiB); now one."""
+        asked = share(4096, [Holding(10, 4096)] * 4096)
+        assert sum(asked) == 1
+
+    def test_largest_remainders_get_the_extra_chunks(self) -> None:
+        """Shares 1.5, 1.3 and 0.2 chunks (need 3 chunks): floors 1, 1, 0, then the 0.5 share."""
+        held = [Holding(150, 4096), Holding(130, 4096), Holding(20, 4096)]
+        assert share(3 * 4096, held) == [2, 1, 0]
+
     def test_capped_shrinker_rest_goes_to_others(self) -> None:
         """A small shrinker gives all it has; the others cover the rest."""
         # Weights 200, 100, 100: the first's share (26 MiB) exceeds its 2 MiB.
@@ -265,26 +279,26 @@ class TestShareProperties:
 
     @given(share_cases())
     def test_not_much_more_than_need(self, case: tuple[int, list[Holding]]) -> None:
-        """Rounding up adds at most one chunk per shrinker asked something."""
+        """Rounding adds less than one chunk to the need, not one chunk per shrinker (issue 9)."""
         need, held = case
         assume(need > 0)
         asked = share(need, held)
-        slack = sum(h.chunk_size for n, h in zip(asked, held, strict=True) if n > 0)
-        assert _bytes(asked, held) < need + slack
+        largest = max((h.chunk_size for n, h in zip(asked, held, strict=True) if n > 0), default=0)
+        assert _bytes(asked, held) < need + largest
 
     @given(share_cases())
     def test_proportional_to_count_over_cost(self, case: tuple[int, list[Holding]]) -> None:
-        """Uncapped shrinkers are asked ceil(k * count / cost) chunks for one common k."""
+        """Uncapped shrinkers are asked floor(k * count / cost) chunks, or one more, for one k."""
         need, held = case
         asked = share(need, held)
         # For every shrinker asked part of what it holds, k must lie in
-        # ((asked - 1) * cost / count, asked * cost / count]; the intervals must meet.
+        # [(asked - 1) * cost / count, (asked + 1) * cost / count); the intervals must meet.
         lower, upper = 0.0, float("inf")
         for n, h in zip(asked, held, strict=True):
             if 0 < n < h.count:
                 x = h.count / h.cost
                 lower = max(lower, (n - 1) / x)
-                upper = min(upper, n / x)
+                upper = min(upper, (n + 1) / x)
         assert lower <= upper * (1 + 1e-9)
         # Shrinkers asked everything had a share of at least count - 1 chunks at that k
         # (capped, or rounded up to everything).
@@ -294,13 +308,14 @@ class TestShareProperties:
 
     @given(share_cases())
     def test_cheaper_gives_no_smaller_fraction(self, case: tuple[int, list[Holding]]) -> None:
-        """A cheaper shrinker never gives a smaller fraction of its count (up to one chunk)."""
+        """A cheaper shrinker never gives a smaller fraction of its count (up to a chunk each)."""
         need, held = case
         asked = share(need, held)
         for i, hi in enumerate(held):
             for j, hj in enumerate(held):
                 if hi.count and hj.count and hi.cost <= hj.cost:
-                    assert asked[j] / hj.count <= asked[i] / hi.count + 1 / hj.count + 1e-9
+                    slack = 1 / hj.count + 1 / hi.count + 1e-9
+                    assert asked[j] / hj.count <= asked[i] / hi.count + slack
 
     @given(st.lists(holdings, min_size=1, max_size=6), st.integers(1, 1 << 40))
     def test_adding_an_empty_shrinker_changes_nothing(self, held: list[Holding], need: int) -> None:
@@ -315,3 +330,71 @@ class TestShareProperties:
         backward = share(need, held[::-1])[::-1]
         for a, b in zip(forward, backward, strict=True):
             assert abs(a - b) <= 1
+
+
+class TestHostileHoldings:
+    """Issue 9: costs and claims a client chose cannot break or capture the policy."""
+
+    @pytest.mark.parametrize("cost", [1e-320, 0.0, -1.0, float("nan"), float("inf"), 1e300])
+    def test_any_cost_gives_a_finite_weight(self, cost: float) -> None:
+        """A cost outside 0.001..1000 is taken at the nearest bound (NaN at the largest)."""
+        w = weight(Holding(2**48, 2**40, cost))
+        assert 0 < w < float("inf")
+
+    @pytest.mark.parametrize("cost", [1e-320, float("nan"), float("inf"), 0.0])
+    def test_share_survives_hostile_costs(self, cost: float) -> None:
+        """Before: 1e-320 made the weight infinite, then NaN, and share() raised."""
+        held = [Holding(2**48, 4096, cost), Holding(1000, 4096), Holding(1000, 4096)]
+        asked = share(MiB, held)
+        assert all(isinstance(n, int) for n in asked)
+        assert MiB <= _bytes(asked, held) < MiB + 4096
+
+    def test_absurd_counts(self) -> None:
+        """Counts far past any memory (2**300 chunks) still give finite, bounded answers."""
+        held = [Holding(2**300, 2**40), Holding(10, 4096)]
+        asked = share(MiB, held)
+        assert asked[0] >= 1 and 0 <= asked[1] <= 10
+
+    def test_claim_weighs_at_most_max_claim(self) -> None:
+        """A 2**48-chunk claim capped at the working set no longer takes (nearly) all asks."""
+        liar, honest = Holding(2**48, 4096), Holding(100 * 256, 4096)  # honest: 100 MiB
+        need = 30 * MiB
+        uncapped = share(need, [liar, honest])
+        assert uncapped[1] <= 1  # before: the honest cache was asked one chunk
+        capped = share(need, [liar, honest], max_claim=200 * MiB)
+        # Weights 200 MiB and 100 MiB: the honest cache is asked a third.
+        assert capped[1] * 4096 == pytest.approx(need / 3, abs=4096)
+
+    def test_distrusted_weighs_a_sixteenth(self) -> None:
+        """A distrusted shrinker counts 1/16 of its weight; the others are asked instead."""
+        a = Holding(1000, 4096, distrusted=True)
+        assert weight(a) == weight(Holding(1000, 4096)) * DISTRUSTED_WEIGHT
+        asked = share(170 * 4096, [a, Holding(1000, 4096)])
+        assert asked == [10, 160]
+
+    def test_claims_of_one_owner_add_up(self) -> None:
+        """64 shrinkers of one process claiming 2**48 chunks each weigh max_claim together."""
+        liar = [Holding(2**48, 4096, owner="liar") for _ in range(64)]
+        honest = Holding(100 * 256, 4096, owner="honest")
+        w = weights([*liar, honest], max_claim=100 * MiB)
+        assert sum(w[:64]) == pytest.approx(100 * MiB)
+        assert w[64] == 100 * MiB
+        asked = share(30 * MiB, [*liar, honest], max_claim=100 * MiB)
+        assert asked[64] * 4096 == pytest.approx(15 * MiB, abs=64 * 4096)
+
+    def test_dominant_owner(self) -> None:
+        """The owner asked at least half of a round, if any."""
+        assert dominant({"liar": 90, "a": 6, "b": 4}) == "liar"
+        assert dominant({"a": 50, "b": 50}) == "a"
+        assert dominant({"a": 40, "b": 35, "c": 25}) is None
+        assert dominant({}) is None
+
+    @given(st.dictionaries(st.integers(), st.integers(0, 1 << 40)))
+    def test_dominant_is_asked_half(self, asked: dict[int, int]) -> None:
+        """The dominant owner was asked at least half; with none, everyone less than half."""
+        owner = dominant(asked)
+        total = sum(asked.values())
+        if owner is not None:
+            assert asked[owner] * 2 >= total > 0
+        else:
+            assert all(v * 2 < total for v in asked.values()) or total == 0

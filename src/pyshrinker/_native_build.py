@@ -20,6 +20,8 @@ static const int PYS_M_TRIM_THRESHOLD;
 int pys_eventfd(unsigned int initval, int flags);
 int pys_eventfd_read(int fd, uint64_t *value);
 int pys_eventfd_write(int fd, uint64_t value);
+int pys_eventfd_write_within(int fd, uint64_t value, long timeout_ns);
+int pys_deadline_signal(void);
 int pys_pidfd_open(int pid, unsigned int flags);
 int pys_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 int pys_malloc_trim(size_t pad);
@@ -29,9 +31,14 @@ int pys_mallopt(int param, int value);
 SOURCE = r"""
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_open
@@ -65,6 +72,105 @@ static int pys_eventfd_write(int fd, uint64_t value) {
     return n == sizeof value ? 0 : -EIO;
 }
 
+/*
+ * A write to an eventfd blocks while the counter cannot take the value, and only a read of
+ * that eventfd (or a signal) ends the wait. The file status flags (O_NONBLOCK) belong to the
+ * open file description, which a duplicate (dup, pidfd_getfd) shares with the original: making
+ * one process's copy non-blocking would make the other's reads fail with EAGAIN. So the wait is
+ * bounded by a signal instead: a timer of the writing thread sends it PYS_DEADLINE_SIGNAL every
+ * timeout_ns while the write runs; the handler does nothing and is installed without
+ * SA_RESTART, so a waiting write returns EINTR (a write that is not waiting is not disturbed).
+ * Periodic, because the first expiry may come before the write starts waiting. Each thread
+ * creates its timer once (creating one costs more than the write) and deletes it on exit.
+ */
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+/* Realtime: nothing else in glibc, CPython or libfuse uses it; glibc reserves those below. */
+#define PYS_DEADLINE_SIGNAL (SIGRTMIN + 4)
+
+static int pys_deadline_signal(void) { return PYS_DEADLINE_SIGNAL; }
+static void pys_deadline_handler(int signo) { (void)signo; }
+
+static pthread_once_t pys_deadline_once = PTHREAD_ONCE_INIT;
+static pthread_key_t pys_deadline_key;
+static int pys_deadline_errno = 0;
+
+static void pys_deadline_timer_delete(void *timer) {
+    timer_delete(*(timer_t *)timer);
+    free(timer);
+}
+
+static void pys_deadline_install(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = pys_deadline_handler;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(PYS_DEADLINE_SIGNAL, &action, NULL) < 0) pys_deadline_errno = errno;
+    else pys_deadline_errno = pthread_key_create(&pys_deadline_key, pys_deadline_timer_delete);
+}
+
+/* This thread's timer, created on first use; NULL with errno set if it cannot be. */
+static timer_t *pys_deadline_timer(void) {
+    timer_t *timer = pthread_getspecific(pys_deadline_key);
+    struct sigevent event;
+    if (timer != NULL) return timer;
+    timer = malloc(sizeof *timer);
+    if (timer == NULL) return NULL;
+    memset(&event, 0, sizeof event);
+    event.sigev_notify = SIGEV_THREAD_ID;
+    event.sigev_signo = PYS_DEADLINE_SIGNAL;
+    event.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_MONOTONIC, &event, timer) < 0) {
+        int saved = errno;
+        free(timer);
+        errno = saved;
+        return NULL;
+    }
+    errno = pthread_setspecific(pys_deadline_key, timer);
+    if (errno != 0) {
+        timer_delete(*timer);
+        free(timer);
+        return NULL;
+    }
+    return timer;
+}
+
+static long pys_elapsed_ns(const struct timespec *since) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - since->tv_sec) * 1000000000L + (now.tv_nsec - since->tv_nsec);
+}
+
+/* -EAGAIN once the write has waited timeout_ns (0 < timeout_ns < 1 s). */
+static int pys_eventfd_write_within(int fd, uint64_t value, long timeout_ns) {
+    static const struct itimerspec disarm;
+    struct itimerspec every;
+    struct timespec start;
+    timer_t *timer;
+    int result;
+
+    pthread_once(&pys_deadline_once, pys_deadline_install);
+    if (pys_deadline_errno) return -pys_deadline_errno;
+    timer = pys_deadline_timer();
+    if (timer == NULL) return -errno;
+    every.it_value.tv_sec = every.it_interval.tv_sec = 0;
+    every.it_value.tv_nsec = every.it_interval.tv_nsec = timeout_ns;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (timer_settime(*timer, 0, &every, NULL) < 0) return -errno;
+    for (;;) {
+        ssize_t n = write(fd, &value, sizeof value);
+        if (n == sizeof value) { result = 0; break; }
+        if (n >= 0) { result = -EIO; break; }
+        if (errno != EINTR) { result = -errno; break; }
+        /* Interrupted: by our timer once the time is up, else by some other signal. */
+        if (pys_elapsed_ns(&start) >= timeout_ns) { result = -EAGAIN; break; }
+    }
+    timer_settime(*timer, 0, &disarm, NULL);
+    return result;
+}
+
 static int pys_pidfd_open(int pid, unsigned int flags) {
     long fd = syscall(SYS_pidfd_open, pid, flags);
     return fd < 0 ? -errno : (int)fd;
@@ -87,7 +193,8 @@ static int pys_mallopt(int param, int value) {
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("pyshrinker._native", SOURCE)
+# librt: timer_create lives there before glibc 2.34 (an empty stub after).
+ffibuilder.set_source("pyshrinker._native", SOURCE, libraries=["rt"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -69,6 +69,25 @@ def eventfd_write(fd: int, value: int) -> None:
     _retry(lambda: lib.pys_eventfd_write(fd, value), "eventfd write")
 
 
+#: The signal :func:`eventfd_write_within` interrupts its own wait with (handler: do nothing).
+DEADLINE_SIGNAL: int = lib.pys_deadline_signal()
+
+
+def eventfd_write_within(fd: int, value: int, timeout: float) -> None:
+    """Add ``value`` like :func:`eventfd_write`, waiting at most ``timeout`` seconds (< 1).
+
+    A write waits while the counter cannot take ``value``. This one gives up with
+    :class:`BlockingIOError` after ``timeout``, without touching the fd's flags, which a
+    duplicated fd shares with its owner. On first use it installs a do-nothing handler for
+    :data:`DEADLINE_SIGNAL`, delivered to the writing thread only while it writes.
+    """
+    if not 0 < value <= EVENTFD_MAX:
+        raise ValueError(f"eventfd value must be in 1..{EVENTFD_MAX}, got {value}")
+    if not 0 < timeout < 1:
+        raise ValueError(f"timeout must be in (0, 1) seconds, got {timeout}")
+    _check(lib.pys_eventfd_write_within(fd, value, int(timeout * 1e9)), "eventfd write")
+
+
 def pidfd_open(pid: int) -> int:
     """Return a pidfd for ``pid``: it polls readable when the process exits."""
     return _check(lib.pys_pidfd_open(pid, 0), f"pidfd_open({pid})")

@@ -4,7 +4,8 @@ A controller directory holds ``cgroup.event_control`` (registrations), ``mempres
 (accounting) and ``mempressure.level`` (level notifications). The lines:
 
 * ``"<efd> <shrinker fd> <chunk size>\\n"`` to ``cgroup.event_control``: register a shrinker;
-  pyshrinker accepts an optional fourth field, the relative cost to rebuild a chunk (default 1);
+  pyshrinker accepts an optional fourth field, the relative cost to rebuild a chunk (default 1,
+  from 0.001 to 1000);
 * ``"<efd> <level fd> <low|medium|oom>\\n"`` to ``cgroup.event_control``: register for a level;
 * ``"<efd> <N>\\n"`` to ``mempressure.shrinker``: N > 0 adds reclaimable chunks, N < 0 removes them.
 
@@ -34,6 +35,12 @@ MAX_REPORT = 2**48
 MAX_CHUNK_SIZE = 2**40
 #: A line longer than this is refused before parsing.
 MAX_LINE = 256
+#: Smallest and largest rebuild cost a shrinker may register. A cost divides a shrinker's
+#: weight: within these bounds (a factor of a million between the cheapest and the dearest)
+#: no weight can overflow a float (2**48 chunks of 1 TiB over 0.001 is about 3e29), so a
+#: registration cannot make the policy's arithmetic infinite or NaN.
+MIN_COST = 0.001
+MAX_COST = 1000.0
 
 
 class Level(enum.IntEnum):
@@ -115,11 +122,12 @@ def validate_chunk_size(chunk_size: int) -> int:
 
 
 def validate_cost(cost: float) -> float:
-    """Check a rebuild cost: a finite positive number."""
+    """Check a rebuild cost: a number from :data:`MIN_COST` to :data:`MAX_COST`."""
     if isinstance(cost, bool) or not isinstance(cost, (int, float)):
         raise AbiError(f"cost must be a number, got {cost!r}")
-    if not (0 < cost < float("inf")):
-        raise AbiError(f"cost must be finite and positive, got {cost}")
+    # Written so that NaN fails too.
+    if not MIN_COST <= cost <= MAX_COST:
+        raise AbiError(f"cost must be from {MIN_COST} to {MAX_COST:g}, got {cost}")
     return float(cost)
 
 

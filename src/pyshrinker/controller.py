@@ -29,6 +29,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -172,6 +173,12 @@ class Controller:
     _levels: dict[Hashable, _LevelListener] = attrs.field(factory=dict, alias="levels")
     _history: list[ShrinkRequest] = attrs.field(factory=list, alias="history")
     _in_flight: list[tuple[float, int, int]] = attrs.field(factory=list, alias="in_flight")
+    # Rounds of asks one owner dominated, to judge (see _judge_rounds): (judge at, working set
+    # when asked, bytes asked, owner); and the owners found to let a round down this episode.
+    _rounds: deque[tuple[float, int, int, Hashable]] = attrs.field(
+        factory=lambda: deque(maxlen=64), alias="rounds"
+    )
+    _distrusted: set[Hashable] = attrs.field(factory=set, alias="distrusted")
     _marks: policy.Watermarks | None = attrs.field(default=None, alias="marks")
     _thresholds: list[UsageThreshold] = attrs.field(factory=list, alias="thresholds")
     _wake_fd: int = attrs.field(default=-1, alias="wake_fd")
@@ -410,6 +417,7 @@ class Controller:
         with self._lock:
             self._shrinkers.pop(key, None)
             self._levels.pop(key, None)
+            self._distrusted.discard(key)
 
     def report(self, key: Hashable, chunks: int) -> None:
         """Apply ``"<efd> <N>"``: add (N > 0) or remove (N < 0) reclaimable chunks.
@@ -533,17 +541,54 @@ class Controller:
         return sum(r.chunks for r in sent)
 
     def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
-        """Ask all shrinkers for about ``nbytes`` in proportion to held bytes / cost."""
+        """Ask all shrinkers for about ``nbytes`` in proportion to held bytes / cost.
+
+        A claim weighs at most the working set last read (per owner, see :meth:`_owner`); an
+        owner that let a round of asks down this episode weighs less (see _judge_rounds).
+        """
         with self._lock:
             regs = list(self._shrinkers.values())
-            asked = policy.share(
-                nbytes, [policy.Holding(r.count, r.chunk_size, r.cost) for r in regs]
-            )
+            owners = [self._owner(r.key) for r in regs]
+            holdings = [
+                policy.Holding(r.count, r.chunk_size, r.cost, owner in self._distrusted, owner)
+                for r, owner in zip(regs, owners, strict=True)
+            ]
+            max_claim = self._last_state.working_set if self._last_state is not None else None
+            asked = policy.share(nbytes, holdings, max_claim)
             sent: list[ShrinkRequest] = []
-            for reg, chunks in zip(regs, asked, strict=True):
-                sent.extend(self._signal(reg, chunks, reason))
+            by_owner: dict[Hashable, int] = {}
+            for reg, owner, chunks in zip(regs, owners, asked, strict=True):
+                done = self._signal(reg, chunks, reason)
+                sent.extend(done)
+                if done:
+                    by_owner[owner] = by_owner.get(owner, 0) + chunks * reg.chunk_size
+            suspect = policy.dominant(by_owner)
+            if suspect is not None and max_claim is not None:
+                judge_at = time.monotonic() + self.config.escalate_after
+                self._rounds.append((judge_at, max_claim, sum(by_owner.values()), suspect))
         self._run_hooks(sent)
         return {r.key: r.chunks for r in sent}
+
+    def _owner(self, key: Hashable) -> Hashable:
+        # Whose claims add up and who is distrusted: here each shrinker alone; pyshrinkerd's
+        # subclass groups a process's shrinkers.
+        return key
+
+    def _judge_rounds(self, now: float, working_set: int) -> None:
+        # Called with the lock held. A round one owner dominated helped if the working set fell
+        # by half of what it asked; one that has not by its judging time (escalate_after) was
+        # let down by that owner, who weighs less for the rest of the episode.
+        pending: deque[tuple[float, int, int, Hashable]] = deque(maxlen=self._rounds.maxlen)
+        for judge_at, working_set_then, asked, owner in self._rounds:
+            if 2 * (working_set_then - working_set) >= asked:
+                continue
+            if judge_at <= now:
+                if owner not in self._distrusted:
+                    log.warning("asking %r did not lower usage: asking the others", owner)
+                self._distrusted.add(owner)
+                continue
+            pending.append((judge_at, working_set_then, asked, owner))
+        self._rounds = pending
 
     def _signal(self, reg: _Registration, chunks: int, reason: str) -> list[ShrinkRequest]:
         # Called with the lock held: the registration cannot be dropped (and its fd closed
@@ -554,7 +599,7 @@ class Controller:
         reg.requests += 1
         reg.chunks_requested += chunks
         try:
-            eventfd_write(reg.fd, chunks)
+            self._write_eventfd(reg.key, reg.fd, chunks)
         except OSError as err:
             # EBADF or a full counter: the client is gone or stuck; stop asking it.
             log.warning("dropping shrinker %r: signalling its eventfd failed: %s", reg.key, err)
@@ -565,10 +610,19 @@ class Controller:
         self._history.append(request)
         if len(self._history) > 10_000:
             del self._history[:5_000]
+        if self._in_flight and self._in_flight[0][0] <= now:
+            # Deadlines come in order: drop the expired ones here too, not only on evaluate
+            # (explicit shrinks, a daemon's many shrinkers), so the list stays bounded.
+            self._in_flight = [entry for entry in self._in_flight if entry[0] > now]
         self._in_flight.append(
             (now + self.config.grace, chunks * reg.chunk_size, self._last_working_set())
         )
         return [request]
+
+    def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
+        # Called with the lock held. The embedded controller's eventfds are its own process's
+        # (Shrinker makes them non-blocking); pyshrinkerd's subclass bounds the write instead.
+        eventfd_write(fd, value)
 
     def _run_hooks(self, sent: list[ShrinkRequest]) -> None:
         for request in sent:
@@ -588,7 +642,7 @@ class Controller:
             for listener in ordered:
                 if listener.level <= level:
                     try:
-                        eventfd_write(listener.fd, 1)
+                        self._write_eventfd(listener.key, listener.fd, 1)
                         told += 1
                     except OSError as err:
                         log.warning("dropping level listener %r: %s", listener.key, err)
@@ -669,6 +723,9 @@ class Controller:
         now = time.monotonic()
         with self._lock:
             in_flight = self._in_flight_bytes(now, state.working_set)
+            self._judge_rounds(now, state.working_set)
+            if state.working_set < marks.low:
+                self._distrusted.clear()
         if state.working_set < marks.high:
             self._above_since = None
             if state.working_set < marks.low:
@@ -715,9 +772,10 @@ class Controller:
             return self.config.recheck_interval
         state = self._last_state
         above = state is not None and state.working_set >= self._marks.high
-        if self._in_flight or above:
+        if self._in_flight or self._rounds or above:
             # Above the high watermark, or waiting to see a request's effect: read often, unless
-            # usage thresholds will tell us of every crossing (then only to escalate).
+            # usage thresholds will tell us of every crossing (then only to escalate). Rounds to
+            # judge need readings too: a threshold tells of the crossing, not how low usage went.
             if self._thresholds:
                 return self.config.episode_poll
             return self.config.shortest_poll

@@ -25,6 +25,11 @@ How the kernel and libfuse behave, and what follows:
   registration ends on ``"<efd> -"`` (pyshrinker's unregistration line) or when the process
   exits: its pidfd polls readable once the whole thread group is gone (one watcher thread in
   epoll on all pidfds plus a wake-up eventfd), and all its duplicates are closed.
+* A write to an eventfd waits while the counter cannot take the value, and a client can fill
+  its own. The duplicate shares the client's file status flags (one open file description), so
+  setting O_NONBLOCK on it would make the client's own reads fail with EAGAIN: the daemon bounds
+  each write with a timer signal instead (:func:`~pyshrinker._syscalls.eventfd_write_within`)
+  and drops a client it could not signal in :data:`SIGNAL_TIMEOUT`.
 * The daemon must never block on its own mount: a FUSE request it made to itself would wait for
   a thread that is busy making it. So it reads ``/proc/.../fd`` links (no FUSE call) rather than
   ``fstat`` on duplicated files, and resolves the mount path before mounting.
@@ -37,11 +42,14 @@ How the kernel and libfuse behave, and what follows:
 Who may use it: without ``--allow-other`` the kernel lets only the mounting user in. With it,
 every open and every write is checked: root, the daemon's own uid, ``--allow-uid`` users and
 members of ``--allow-gid`` groups pass, others get EACCES. Root is always allowed because it can
-take any process's fds anyway; refusing it would protect nothing.
+take any process's fds anyway; refusing it would protect nothing. Only root and the daemon's
+uid see every process in the status file and may use ``mempressure.request``; another allowed
+user sees the daemon's totals and its own processes only.
 
 Bounds: lines longer than :data:`~pyshrinker.abi.MAX_LINE` bytes are refused (EINVAL), as are
 registrations past ``--max-per-process`` or ``--max-total`` (ENOSPC); at most
-:data:`MAX_STATUS_OPEN` status files may be open at once (EMFILE).
+:data:`MAX_STATUS_OPEN` status files, holding :data:`MAX_STATUS_BYTES`, may be open at once
+(EMFILE); the episodes remembered for the status hold :data:`MAX_EPISODE_ENTRIES` at most.
 
 .. versionadded:: 0.1.0
 """
@@ -78,6 +86,7 @@ from pyshrinker._syscalls import (
     eventfd,
     eventfd_read,
     eventfd_write,
+    eventfd_write_within,
     is_eventfd,
     pidfd_getfd,
     pidfd_open,
@@ -114,8 +123,18 @@ DEFAULT_MAX_TOTAL = 4096
 DEFAULT_STATUS_HISTORY = 1000
 #: Status files open at once (each holds the snapshot taken at open).
 MAX_STATUS_OPEN = 64
+#: Bytes all open status snapshots may hold together; past it, an open is EMFILE.
+MAX_STATUS_BYTES = 32 << 20
+#: Entries (holdings and asks) all remembered episodes may hold together. With 4096 shrinkers an
+#: episode is up to 8192 of them: without this bound 1000 episodes took more than a GB.
+MAX_EPISODE_ENTRIES = 16384
 #: What ``/proc/<pid>/fd/<n>`` reads for an eventfd.
 EVENTFD_LINK = "anon_inode:[eventfd]"
+#: Seconds a write to a client's eventfd may wait (its counter full) before the client is dropped.
+#: Longer than a scheduler tick on purpose: a timer due sooner than the tick must reprogram the
+#: clock event device when armed and disarmed, which costs a VM exit (measured here: 7.6 us a
+#: write on average at 1 ms, 2.3 us at 5 ms and up; 0.9 us unbounded).
+SIGNAL_TIMEOUT = 0.01
 
 
 # ---------------------------------------------------------------------- errors
@@ -127,6 +146,37 @@ class Refused(PyshrinkerError, OSError):
 
 def _refuse(code: int, why: str) -> Refused:
     return Refused(code, f"{os.strerror(code)}: {why}")
+
+
+# ---------------------------------------------------------------------- which eventfd
+
+
+def parse_eventfd_id(fdinfo: str) -> int | None:
+    """The ``eventfd-id:`` of ``/proc/<pid>/fdinfo/<fd>`` text (Linux 5.10+), or None."""
+    for line in fdinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key == "eventfd-id":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"bad eventfd-id line: {line!r}") from None
+    return None
+
+
+def eventfd_id(fd: int, proc: str = "/proc") -> int | None:
+    """The kernel's id of the eventfd behind this process's ``fd``, None if it does not say.
+
+    Every eventfd has one inode (the anonymous inode), so ``st_ino`` cannot tell two apart;
+    the id can: it is unique among the eventfds alive, and a registration keeps its eventfd
+    alive (the daemon holds a duplicate). Reading our own fdinfo makes no FUSE call.
+    """
+    info = os.open(f"{proc}/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # pos, flags, mnt_id, ino, eventfd-count, eventfd-id, eventfd-semaphore: ~120 bytes.
+        data = os.read(info, 1024)
+    finally:
+        os.close(info)
+    return parse_eventfd_id(data.decode("ascii", "replace"))
 
 
 # ---------------------------------------------------------------------- who is writing
@@ -199,6 +249,10 @@ class AccessPolicy:
         if uid in (0, self.owner) or uid in self.uids:
             return True
         return bool(self.gids) and (gid in self.gids or not self.gids.isdisjoint(groups))
+
+    def privileged(self, uid: int) -> bool:
+        """Root or the daemon's own user: sees every process in the status, may test-control."""
+        return uid in (0, self.owner)
 
     def needs_groups(self, uid: int, gid: int) -> bool:
         """Whether the answer for (uid, gid) depends on the supplementary groups."""
@@ -287,29 +341,79 @@ class DaemonController(Controller):
     .. versionadded:: 0.1.0
     """
 
-    _episodes: deque[Episode] = attrs.field(
-        factory=lambda: deque(maxlen=DEFAULT_STATUS_HISTORY), alias="episodes"
-    )
+    _episodes: deque[Episode] = attrs.field(factory=deque, alias="episodes")
+    _episodes_kept: int = attrs.field(default=DEFAULT_STATUS_HISTORY, alias="episodes_kept")
+    _episode_entries: int = attrs.field(default=0, alias="episode_entries")
+    _episode_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="episode_lock")
+    #: Processes an eventfd of which could not be signalled (see :meth:`_write_eventfd`).
+    unanswerable: set[int] = attrs.field(factory=set)
+
+    def _owner(self, key: Hashable) -> Hashable:
+        # A process's shrinkers claim together and are distrusted together.
+        return _pid_efd(key)[0]
+
+    def distrusted(self) -> list[int]:
+        """Processes that let a round of asks down this episode (asked less now), by pid."""
+        with self._lock:
+            return sorted(pid for pid in self._distrusted if isinstance(pid, int))
+
+    def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
+        # The eventfd is a client's: it may have filled the counter of a blocking one, and a
+        # plain write would then wait, holding the controller's lock, until the client reads.
+        # Bounded, the write gives up (the controller drops that registration) and the process
+        # may not register again until it exits.
+        try:
+            eventfd_write_within(fd, value, SIGNAL_TIMEOUT)
+        except BlockingIOError:
+            self.unanswerable.add(_pid_efd(key)[0])
+            raise
+
+    def forget_process(self, pid: int) -> None:
+        """Process ``pid`` is gone: it is no longer distrusted, nor refused."""
+        with self._lock:
+            self._distrusted.discard(pid)
+        self.unanswerable.discard(pid)
 
     def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
         # Counts are read just before the shrink takes the lock; a report landing in between
-        # moves them by a batch at most.
+        # moves them by a batch at most. Shrinkers holding nothing weigh nothing: not kept.
         before = self.shrinkers()
         asked = super().shrink(nbytes, reason)
         if asked:
-            holdings = tuple(Holding(i.key, i.count, i.chunk_size, i.cost) for i in before)
-            self._episodes.append(
-                Episode(time.monotonic(), nbytes, reason, holdings, tuple(asked.items()))
+            holdings = tuple(
+                Holding(i.key, i.count, i.chunk_size, i.cost) for i in before if i.count > 0
             )
+            episode = Episode(time.monotonic(), nbytes, reason, holdings, tuple(asked.items()))
+            self._remember(episode)
         return asked
+
+    def _remember(self, episode: Episode) -> None:
+        # The latest episodes, as many as the status lists and MAX_EPISODE_ENTRIES allow
+        # (the latest one always).
+        with self._episode_lock:
+            self._episodes.append(episode)
+            self._episode_entries += _entries(episode)
+            while len(self._episodes) > 1 and (
+                len(self._episodes) > self._episodes_kept
+                or self._episode_entries > MAX_EPISODE_ENTRIES
+            ):
+                self._episode_entries -= _entries(self._episodes.popleft())
 
     def episodes(self) -> list[Episode]:
         """The latest proportional shrinks, oldest first."""
-        return list(self._episodes)
+        with self._episode_lock:
+            return list(self._episodes)
 
     def keep_history(self, entries: int) -> None:
-        """Keep the latest ``entries`` episodes."""
-        self._episodes = deque(self._episodes, maxlen=max(1, entries))
+        """Keep the latest ``entries`` episodes (and no more than MAX_EPISODE_ENTRIES hold)."""
+        with self._episode_lock:
+            self._episodes_kept = max(1, entries)
+            while len(self._episodes) > self._episodes_kept:
+                self._episode_entries -= _entries(self._episodes.popleft())
+
+
+def _entries(episode: Episode) -> int:
+    return len(episode.holdings) + len(episode.asked)
 
 
 def open_memory(path: str) -> MemorySource:
@@ -412,6 +516,8 @@ class _Registration:
     efd: int
     dup: int
     level: Level | None = None
+    #: The eventfd's kernel id (see :func:`eventfd_id`), None if the kernel does not show it.
+    ident: int | None = None
 
 
 @attrs.define(eq=False)
@@ -448,6 +554,8 @@ class Registry:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
     _procs: dict[int, _Process] = attrs.field(factory=dict, alias="procs")
     _by_pidfd: dict[int, _Process] = attrs.field(factory=dict, alias="by_pidfd")
+    #: Registered eventfds by kernel id: (pid, efd) of the registration.
+    _by_ident: dict[int, tuple[int, int]] = attrs.field(factory=dict, alias="by_ident")
     _total: int = attrs.field(default=0, alias="total")
     _watcher: ExitWatcher | None = attrs.field(default=None, alias="watcher")
     _closed: bool = attrs.field(default=False, alias="closed")
@@ -531,15 +639,22 @@ class Registry:
         # unregister returns, the duplicate is never written again and may be closed.
         for reg in proc.regs.values():
             self.controller.unregister((proc.tgid, reg.efd))
+            self._forget_ident(reg)
             os.close(reg.dup)
         self._total -= len(proc.regs)
         proc.regs.clear()
         if self._procs.get(proc.tgid) is proc:
             del self._procs[proc.tgid]
         self._by_pidfd.pop(proc.pidfd, None)
+        self.controller.forget_process(proc.tgid)
         if self._watcher is not None:
             self._watcher.remove(proc.pidfd)
         os.close(proc.pidfd)
+
+    def _forget_ident(self, reg: _Registration) -> None:
+        # Called with the lock held, before the duplicate is closed (its id may then be reused).
+        if reg.ident is not None:
+            self._by_ident.pop(reg.ident, None)
 
     def _process_exited(self, pidfd: int) -> None:
         with self._lock:
@@ -606,6 +721,8 @@ class Registry:
     def _register(
         self, caller: Caller, proc: _Process, parsed: RegisterShrinker | RegisterLevel
     ) -> None:
+        if proc.tgid in self.controller.unanswerable:
+            raise _refuse(errno.EPERM, f"process {proc.tgid} left an eventfd unanswerable")
         if parsed.efd in proc.regs:
             raise _refuse(errno.EINVAL, f"eventfd {parsed.efd} is already registered")
         if len(proc.regs) >= self.max_per_process:
@@ -619,15 +736,25 @@ class Registry:
         dup = self._duplicate_eventfd(proc, parsed.efd)
         key = (proc.tgid, parsed.efd)
         try:
+            # One eventfd, one registration, as the proposed kernel keyed them: the same
+            # eventfd under a second fd number (dup, or inherited by a child) would be asked
+            # twice for the same chunks.
+            ident = eventfd_id(dup, self.proc)
+            if ident is not None and ident in self._by_ident:
+                pid, efd = self._by_ident[ident]
+                why = f"eventfd {parsed.efd} is the one process {pid} registered as {efd}"
+                raise _refuse(errno.EINVAL, why)
+            level = None if isinstance(parsed, RegisterShrinker) else parsed.level
             if isinstance(parsed, RegisterShrinker):
                 self.controller.register(key, dup, parsed.chunk_size, parsed.cost)
-                proc.regs[parsed.efd] = _Registration(parsed.efd, dup)
             else:
                 self.controller.register_level(key, dup, parsed.level)
-                proc.regs[parsed.efd] = _Registration(parsed.efd, dup, parsed.level)
         except BaseException:
             os.close(dup)
             raise
+        proc.regs[parsed.efd] = _Registration(parsed.efd, dup, level, ident)
+        if ident is not None:
+            self._by_ident[ident] = key
         self._total += 1
 
     def _unregister(self, caller: Caller, line: bytes) -> None:
@@ -641,6 +768,7 @@ class Registry:
             if proc is None or reg is None:
                 raise _refuse(errno.EINVAL, f"eventfd {efd} is not registered")
             self.controller.unregister((proc.tgid, efd))
+            self._forget_ident(reg)
             os.close(reg.dup)
             self._total -= 1
             self._forget_if_empty(proc)
@@ -658,9 +786,19 @@ class Registry:
             self.controller.report((proc.tgid, parsed.efd), parsed.chunks)
         self._bump("reports")
 
+    def check_test_control(self, caller: Caller) -> None:
+        """EACCES unless ``caller`` may use ``mempressure.request``: root or the daemon's user.
+
+        It asks any process for chunks and raises levels for all: an allowed user may register
+        and report, not make the daemon ask other users' processes.
+        """
+        if not self.policy.privileged(caller.uid):
+            raise _refuse(errno.EACCES, f"uid {caller.uid} may not use {REQUEST_FILE}")
+
     def test_control(self, caller: Caller, line: bytes) -> None:
         """A write to ``mempressure.request`` (``--test-control`` only)."""
         self.check_access(caller)
+        self.check_test_control(caller)
         command = parse_test_control(line)
         if isinstance(command, LevelCommand):
             self.controller.notify_level(command.level)
@@ -676,8 +814,13 @@ class Registry:
 
     # ------------------------------------------------------------------ status
 
-    def status(self) -> bytes:
-        """The status file's content: JSON lines (see :func:`parse_status`)."""
+    def status(self, viewer: Caller | None = None) -> bytes:
+        """The status file's content: JSON lines (see :func:`parse_status`).
+
+        For root and the daemon's user (and ``viewer=None``) every process; for another allowed
+        user only the processes that user registered, plus the daemon's totals: pids, counts
+        and requests are not shown across users.
+        """
         lines: list[dict[str, Any]] = []
         controller = self.controller
         memory: dict[str, Any] = {"kind": "daemon", "pid": os.getpid(), "mount": self.mount}
@@ -696,12 +839,24 @@ class Registry:
         memory["signals"] = controller.describe_signals()
         with self._lock:
             memory.update(processes=len(self._procs), registrations=self._total)
+            shown: set[int] | None = None
+            if viewer is not None and not self.policy.privileged(viewer.uid):
+                shown = {p.tgid for p in self._procs.values() if p.uid == viewer.uid}
             levels = [
                 {"kind": "level", "pid": p.tgid, "efd": r.efd, "level": r.level.label}
                 for p in self._procs.values()
                 for r in p.regs.values()
-                if r.level is not None
+                if r.level is not None and (shown is None or p.tgid in shown)
             ]
+
+        def shows(pid: int) -> bool:
+            return shown is None or pid in shown
+
+        def visible(key: Hashable) -> bool:
+            return shows(_pid_efd(key)[0])
+
+        memory["distrusted"] = [pid for pid in controller.distrusted() if shows(pid)]
+        memory["unanswerable"] = sorted(pid for pid in controller.unanswerable if shows(pid))
         with self._counter_lock:
             memory.update(
                 requests_sent=self._requests_sent,
@@ -709,9 +864,11 @@ class Registry:
                 counters=dict(self.counters),
             )
         lines.append(memory)
-        lines.extend(_shrinker_line(info) for info in controller.shrinkers())
+        lines.extend(_shrinker_line(info) for info in controller.shrinkers() if visible(info.key))
         lines.extend(levels)
         for request in controller.history()[-self.status_history :]:
+            if not visible(request.key):
+                continue
             pid, efd = _pid_efd(request.key)
             lines.append(
                 {
@@ -731,9 +888,13 @@ class Registry:
                     "need": episode.need,
                     "reason": episode.reason,
                     "holdings": [
-                        [*_pid_efd(h.key), h.count, h.chunk_size, h.cost] for h in episode.holdings
+                        [*_pid_efd(h.key), h.count, h.chunk_size, h.cost]
+                        for h in episode.holdings
+                        if visible(h.key)
                     ],
-                    "asked": [[*_pid_efd(key), chunks] for key, chunks in episode.asked],
+                    "asked": [
+                        [*_pid_efd(key), chunks] for key, chunks in episode.asked if visible(key)
+                    ],
                 }
             )
         return "".join(json.dumps(line) + "\n" for line in lines).encode("ascii")
@@ -958,6 +1119,8 @@ class Operations:
         try:
             caller = self._caller()
             self._registry.check_access(caller)
+            if path == "/" + REQUEST_FILE:
+                self._registry.check_test_control(caller)
         except OSError as err:
             raise self._error(err.errno or errno.EACCES) from err
         accmode = fi.flags & os.O_ACCMODE
@@ -973,8 +1136,12 @@ class Operations:
                     raise self._error(errno.EMFILE)
                 self._snapshots[fh] = b""
         if path == "/" + STATUS_FILE:
-            snapshot = self._registry.status()
+            snapshot = self._registry.status(caller)
             with self._lock:
+                held = sum(len(each) for each in self._snapshots.values())
+                if held + len(snapshot) > MAX_STATUS_BYTES:
+                    del self._snapshots[fh]
+                    raise self._error(errno.EMFILE)
                 self._snapshots[fh] = snapshot
         fi.fh = fh
         # No page cache: every write(2) is one request, every read sees our snapshot.
@@ -1242,7 +1409,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--test-control",
         action="store_true",
-        help=f"serve a writable {REQUEST_FILE} to request chunks or levels by hand (tests only)",
+        help=f"serve a writable {REQUEST_FILE} to request chunks or levels by hand (tests only;"
+        " root and the daemon's user only)",
     )
     parser.add_argument(
         "--ready-fd",

@@ -67,3 +67,14 @@ class ControllerGone(TransportError, ConnectionError):
 
     .. versionadded:: 0.1.0
     """
+
+
+class ControllerFull(TransportError):
+    """The controller has no room for another registration (ENOSPC: its table is full).
+
+    Nothing is wrong with the caller: a client that can do without this controller (a cache
+    whose controller was chosen for it) should fall back to the embedded controller, and may
+    try again later.
+
+    .. versionadded:: 0.1.0
+    """

@@ -14,15 +14,24 @@ does the same: a shrinker's share of the bytes to free is proportional to held b
 capped at what it holds, with what a capped shrinker cannot give shared among the others. The
 2013 proposal asked shrinkers in registration order, which starved nobody but the first.
 
+*Lying and useless shrinkers*: a count is only a claim. A claim weighs at most the memory there
+is (the working set), and a shrinker asked the most in a round of asks that did not lower usage
+weighs a sixteenth for the rest of the episode, so the others are asked instead.
+
 .. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import attrs
+
+from pyshrinker.abi import MAX_COST, MIN_COST
+
+K = TypeVar("K", bound=Hashable)
 
 MiB = 1 << 20
 
@@ -101,6 +110,13 @@ def poll_interval(
     return min(longest, max(shortest, distance / growth_rate / 2))
 
 
+#: Held bytes a weight can count at most whatever a count says: far beyond any machine, and it
+#: keeps every weight a finite float (a count times a chunk size is an unbounded int).
+MAX_WEIGHED_BYTES = 2**100
+#: The factor on the weight of a distrusted shrinker (see :func:`dominant`).
+DISTRUSTED_WEIGHT = 1 / 16
+
+
 @attrs.frozen
 class Holding:
     """What one shrinker holds, as the controller sees it."""
@@ -108,36 +124,102 @@ class Holding:
     count: int
     chunk_size: int
     cost: float = 1.0
+    #: Its owner was let down a round of asks (see :func:`dominant`): it weighs less.
+    distrusted: bool = False
+    #: Who holds it (pyshrinkerd: the process); None: itself alone. Claims add up per owner.
+    owner: Hashable | None = None
 
 
-def share(need: int, holdings: Sequence[Holding]) -> list[int]:
+def weights(holdings: Sequence[Holding], max_claim: int | None = None) -> list[float]:
+    """How much each holding is asked relative to the others: held bytes / cost, always finite.
+
+    The held bytes of one owner count up to ``max_claim`` together (no one can give more than
+    there is memory: a claim of 2**48 chunks weighs no more than the working set, nor do 64 such
+    claims of one process). The cost is taken within :data:`~pyshrinker.abi.MIN_COST` ..
+    :data:`~pyshrinker.abi.MAX_COST` (registration refuses others; NaN counts as the largest).
+    So no weight is infinite, NaN, or zero for a shrinker holding something.
+    """
+    held = [min(h.count * h.chunk_size, MAX_WEIGHED_BYTES) for h in holdings]
+    claimed: dict[Hashable, int] = {}
+    owners = [h.owner if h.owner is not None else ("alone", i) for i, h in enumerate(holdings)]
+    for owner, nbytes in zip(owners, held, strict=True):
+        claimed[owner] = claimed.get(owner, 0) + nbytes
+    cap = None if max_claim is None else max(1, max_claim)
+    result = []
+    for h, owner, nbytes in zip(holdings, owners, held, strict=True):
+        counted = float(nbytes)
+        if cap is not None and claimed[owner] > cap:
+            counted = nbytes * (cap / claimed[owner])
+        cost = MAX_COST if h.cost != h.cost else min(max(h.cost, MIN_COST), MAX_COST)
+        result.append(counted / cost * (DISTRUSTED_WEIGHT if h.distrusted else 1.0))
+    return result
+
+
+def weight(holding: Holding, max_claim: int | None = None) -> float:
+    """The weight of one holding alone (see :func:`weights`)."""
+    return weights([holding], max_claim)[0]
+
+
+def share(need: int, holdings: Sequence[Holding], max_claim: int | None = None) -> list[int]:
     """Chunks to ask of each shrinker to free about ``need`` bytes.
 
-    Each gets bytes in proportion to ``count * chunk_size / cost``, never more than it holds;
-    what a capped shrinker cannot give is shared among the others (water-filling). A share is
-    rounded up to whole chunks, so a small request still frees something.
+    Each gets bytes in proportion to its weight (:func:`weights`), never more than it holds;
+    what a capped shrinker cannot give is shared among the others (water-filling). Shares are
+    then made whole chunks by largest remainder: each is rounded down, and single chunks go to
+    the largest fractions until the total covers ``need``. So the total asked is at least
+    ``need`` (when that much is held) and exceeds it by less than one chunk: a 4 KiB need asks
+    one chunk of one shrinker, not one chunk of each.
     """
     asked = [0] * len(holdings)
     if need <= 0:
         return asked
+    held = [h.count * h.chunk_size for h in holdings]
+    weighed = weights(holdings, max_claim)
     open_ = [i for i, h in enumerate(holdings) if h.count > 0]
-    remaining = float(need)
+    remaining = need
+    total = 0.0
     while open_ and remaining > 0:
-        weights = {i: holdings[i].count * holdings[i].chunk_size / holdings[i].cost for i in open_}
-        total = sum(weights.values())
-        capped = []
-        for i in open_:
-            h = holdings[i]
-            if remaining * weights[i] / total >= h.count * h.chunk_size:
-                capped.append(i)
+        total = sum(weighed[i] for i in open_)
+        capped = [i for i in open_ if remaining * weighed[i] / total >= held[i]]
         if not capped:
-            for i in open_:
-                h = holdings[i]
-                want = remaining * weights[i] / total
-                asked[i] = min(h.count, math.ceil(want / h.chunk_size - 1e-9))
             break
         for i in capped:
             asked[i] = holdings[i].count
-            remaining -= holdings[i].count * holdings[i].chunk_size
+            remaining -= held[i]
             open_.remove(i)
+    if remaining <= 0 or not open_:
+        return asked
+    # Uncapped: each share is under what it holds. Floors first, then the largest remainders.
+    wants = {i: remaining * weighed[i] / total / holdings[i].chunk_size for i in open_}
+    for i in open_:
+        asked[i] = min(holdings[i].count, math.floor(wants[i]))
+    short = remaining - sum(asked[i] * holdings[i].chunk_size for i in open_)
+    by_fraction = sorted(open_, key=lambda i: (asked[i] - wants[i], i))
+    grew = True
+    while short > 0 and grew:
+        # Float rounding can leave a shortfall after one pass: go round again.
+        grew = False
+        for i in by_fraction:
+            if short <= 0:
+                break
+            if asked[i] < holdings[i].count:
+                asked[i] += 1
+                short -= holdings[i].chunk_size
+                grew = True
     return asked
+
+
+def dominant(asked: Mapping[K, int]) -> K | None:
+    """The owner asked at least half of a round of asks (in bytes), if there is one.
+
+    When such a round does not lower usage by half of what it asked, that owner let it down
+    (the others together were asked less than half): the controller distrusts it for the rest
+    of the episode, and the others are asked instead. A client claiming far more than it can
+    free (2**48 chunks) is asked the most, so it is found at its first round. No owner is
+    singled out in a round shared more evenly: usage alone cannot say who did not free there.
+    """
+    total = sum(asked.values())
+    for owner, nbytes in asked.items():
+        if total > 0 and nbytes * 2 >= total:
+            return owner
+    return None

@@ -44,6 +44,7 @@ from pyshrinker.controller import GLIBC_MMAP_THRESHOLD, Controller, default_cont
 from pyshrinker.errors import (
     AbiError,
     ClosedError,
+    ControllerFull,
     ControllerGone,
     ControllerNotFound,
     PyshrinkerError,
@@ -119,6 +120,9 @@ def _translate(err: OSError, path: str, line: bytes) -> PyshrinkerError:
         return ControllerGone(code, what)
     if code == errno.ENOENT:
         return ControllerNotFound(code, what)
+    if code == errno.ENOSPC:
+        # A full registration table (pyshrinkerd's --max-total or --max-per-process).
+        return ControllerFull(code, what)
     return TransportError(code, what)
 
 
@@ -129,7 +133,8 @@ class FilesTransport:
     The three files stay open (one fd each) for the transport's life. Errors the controller
     answers with become pyshrinker exceptions: EINVAL and EBADF :class:`AbiError`, EACCES and
     EPERM :class:`TransportPermissionError`, ENOTCONN (the daemon died)
-    :class:`ControllerGone`, anything else :class:`TransportError` with its errno.
+    :class:`ControllerGone`, ENOSPC (no room for a registration) :class:`ControllerFull`,
+    anything else :class:`TransportError` with its errno.
 
     .. versionadded:: 0.1.0
     """
