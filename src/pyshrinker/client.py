@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import attrs
 
+from pyshrinker import trim
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.errors import ClosedError, PyshrinkerError
@@ -599,6 +600,9 @@ class Shrinker:
             self._send_and_unlock(change)
         else:
             self._lock.release()
+        # Freed memory must reach the kernel, not stay in malloc: the one place every cache's
+        # reclaim goes through (see pyshrinker.trim).
+        trim.after_reclaim(counted * self.chunk_size)
         if _observers:
             _tell_observers(RequestOutcome(self, asked, counted, readded, reaction, freed is None))
 
