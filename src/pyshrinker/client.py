@@ -7,11 +7,11 @@ thread per process waits on all of them with epoll, calls the application's ``re
 and gives back (re-adds) the chunks it did not free.
 
 Reaction time. A Python thread woken by its fd runs only when it gets the GIL: about 4 us when
-the other threads are idle, but up to the interpreter's switch interval (5 ms by default) when
-another thread is busy in Python, because a waiting thread asks the running one to drop the GIL
-only after waiting that long. The listener therefore lowers the switch interval to
-:data:`REACTION_SWITCH_INTERVAL` while it runs (restored on close). The cost is a GIL hand-over
-every millisecond instead of every 5 between threads that contend for it anyway.
+the other threads are idle, but after the interpreter's switch interval (5 ms by default, often
+twice that) when another thread is busy in Python. A thread that reports new chunks serves the
+requests its report causes itself (:meth:`Shrinker.reclaim_pending`, direct reclaim), with no
+hand-over at all; the listener serves the rest at the interpreter's pace. pyshrinker leaves the
+switch interval alone unless the application opts in with :func:`set_reaction_switch_interval`.
 
 .. versionadded:: 0.1.0
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import sys
 import threading
 import time
 import weakref
@@ -30,16 +29,14 @@ from typing import TypeVar
 
 import attrs
 
-from pyshrinker import trim
+from pyshrinker import _switch, trim
+from pyshrinker._switch import REACTION_SWITCH_INTERVAL, set_reaction_switch_interval
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.errors import ClosedError, PyshrinkerError
 from pyshrinker.transport import CONTROLLER_DIR_ENV, EmbeddedTransport, FilesTransport, Transport
 
 log = logging.getLogger(__name__)
-
-#: Switch interval (seconds) set while a listener runs; None leaves the interpreter's alone.
-REACTION_SWITCH_INTERVAL: float | None = 0.001
 
 #: Reports are sent once this many bytes' worth of chunks are pending (at least one chunk).
 DEFAULT_BATCH_BYTES = 1 << 20
@@ -68,7 +65,6 @@ class Listener:
     _barriers: list[threading.Event] = attrs.field(factory=list, alias="barriers")
     _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
     _stopping: bool = attrs.field(default=False, alias="stopping")
-    _saved_interval: float | None = attrs.field(default=None, alias="saved_interval")
 
     @classmethod
     def start(cls) -> Listener:
@@ -77,11 +73,7 @@ class Listener:
         ep = select.epoll()
         ep.register(wake, select.EPOLLIN)
         listener = cls(epoll=ep, wake_fd=wake)
-        if REACTION_SWITCH_INTERVAL is not None:
-            current = sys.getswitchinterval()
-            if current > REACTION_SWITCH_INTERVAL:
-                listener._saved_interval = current
-                sys.setswitchinterval(REACTION_SWITCH_INTERVAL)
+        _switch.listener_started()  # the application's opt-in, if any
         listener._thread = threading.Thread(
             target=listener._run, name="pyshrinker-listener", daemon=True
         )
@@ -173,10 +165,7 @@ class Listener:
             waiters, self._barriers = self._barriers, []
         for done in waiters:
             done.set()
-        if self._saved_interval is not None:
-            if sys.getswitchinterval() == REACTION_SWITCH_INTERVAL:
-                sys.setswitchinterval(self._saved_interval)
-            self._saved_interval = None
+        _switch.listener_stopped()
 
 
 _listener: Listener | None = None
@@ -821,6 +810,7 @@ def register_level_eventfds(
 
 __all__ = [
     "EVENTFD_MAX",
+    "REACTION_SWITCH_INTERVAL",
     "LevelSubscription",
     "Listener",
     "RequestOutcome",
@@ -829,6 +819,7 @@ __all__ = [
     "add_request_observer",
     "live_shrinkers",
     "remove_request_observer",
+    "set_reaction_switch_interval",
     "settle",
     "subscribe_levels",
 ]
