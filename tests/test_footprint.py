@@ -38,6 +38,23 @@ class TestAllocatorSettings:
         assert not hasattr(_syscalls.lib, "pys_mallopt")
 
 
+class TestAudit:
+    """Threads, fds and signal handlers a process gets from its first caches."""
+
+    def test_what_caches_add(self) -> None:
+        """Two daemon threads, CLOEXEC fds only, no signal handler, the same switch interval."""
+        found = run_worker("audit")
+        assert found["threads"] == [["pyshrinker-controller", True], ["pyshrinker-listener", True]]
+        assert found["fds"], "the caches registered nothing?"
+        assert found["fds_without_cloexec"] == []
+        assert all(
+            fd.startswith(("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "/"))
+            for fd in found["fds"]
+        ), found["fds"]
+        assert found["changed_signals"] == []
+        assert found["switch_interval_after"] == found["switch_interval_before"]
+
+
 @pytest.fixture
 def restore_interval(monkeypatch):
     """No listener counted and no option set; the interpreter's interval restored afterwards."""
