@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -72,6 +73,18 @@ class TestHeapTrimmer:
         assert trimmer.stats().deferred == 9
         assert trimmer.freed(MiB) is True
         assert fake.calls == 2
+
+    def test_enough_freed_trims_whatever_the_cost(self) -> None:
+        """After a 100 ms trim, 32 MiB freed trim all the same (not 100 MiB)."""
+        fake = FakeTrim(cost=0.100)
+        trimmer = HeapTrimmer(trim=fake.trim, clock=fake.clock)
+        assert trimmer.freed(2 * MiB)
+        assert trimmer.freed(31 * MiB) is False
+        assert trimmer.freed(MiB) is True
+
+    def test_cost_is_cpu_time(self) -> None:
+        """The process's trimmer times trims by the thread's CPU time, not the wall clock."""
+        assert pyshrinker.trim._trimmer._clock is time.thread_time
 
     def test_cheap_trims_every_time(self) -> None:
         """Trims that cost little run after every reclaim of 1 MiB or more."""

@@ -22,12 +22,16 @@ handled the request, which trims when it is worth it:
 * once at least :data:`TRIM_AFTER_BYTES` were freed since the last trim (less is not worth a
   system call; glibc returns the top of the heap by itself anyway);
 * and not before the bytes freed since the last trim are worth what that trim cost, at
-  :data:`TRIM_BYTES_PER_SECOND`: a trim walks every free chunk of every arena, whatever was freed,
-  holding each arena's lock meanwhile. Measured here: about 1.5 ms per 20 MiB returned from a heap
-  of 8-32 KiB values (15 MiB per ms, mostly the kernel dropping the pages), but 4-30 ms for a walk
-  that returns almost nothing on a fragmented 500 MiB heap. On an ordinary heap every reclaim
-  that freed 1 MiB trims; on a badly fragmented one trims come at most one per so many MiB freed,
-  and cost at most about 1 ms per MiB that caches freed on request.
+  :data:`TRIM_BYTES_PER_SECOND`, or reach :data:`TRIM_ALWAYS_AFTER_BYTES`: a trim walks every
+  free chunk of every arena, whatever was freed, holding each arena's lock meanwhile. Measured
+  here: about 1.5 ms per 20 MiB returned from a heap of 8-32 KiB values (15 MiB per ms, mostly the
+  kernel dropping the pages), but 4-30 ms for a walk that returns almost nothing on a fragmented
+  500 MiB heap. On an ordinary heap every reclaim that freed 1 MiB trims; on a badly fragmented
+  one trims come at most one per so many MiB freed, and cost at most about 1 ms per MiB that
+  caches freed on request. The cost is the CPU time the trimming thread spent
+  (``time.thread_time``), not the wall time: on a loaded machine a trim preempted halfway would
+  otherwise put off the next one, and freed memory that is not returned keeps usage above the
+  watermark.
 
 A trim that is put off is not lost: the bytes stay counted, and the next request (which comes if
 usage stays high) trims. One trim runs at a time; a thread that finds one running leaves its
@@ -52,6 +56,8 @@ from pyshrinker._syscalls import malloc_trim
 TRIM_AFTER_BYTES = 1 << 20
 #: A trim must be paid for: bytes freed since the last one, per second that one took (1 MiB/ms).
 TRIM_BYTES_PER_SECOND = 1000.0 * (1 << 20)
+#: Bytes freed since the last trim after which the next one runs whatever the last one cost.
+TRIM_ALWAYS_AFTER_BYTES = 32 << 20
 
 
 @attrs.frozen
@@ -63,7 +69,7 @@ class TrimStats:
 
     #: Trims run.
     trims: int
-    #: Seconds spent in them.
+    #: CPU seconds the trimming threads spent in them.
     seconds: float
     #: Trims that returned memory (``malloc_trim`` said so).
     released: int
@@ -83,15 +89,16 @@ def _trim_heap() -> bool:
 class HeapTrimmer:
     """Decides when freed memory is worth a ``malloc_trim(0)``, and runs it (see the module).
 
-    ``trim`` and ``clock`` are there for tests.
+    ``trim`` and ``clock`` (the trimming thread's CPU time) are there for tests.
 
     .. versionadded:: 0.1.0
     """
 
     after_bytes: int = TRIM_AFTER_BYTES
     bytes_per_second: float = TRIM_BYTES_PER_SECOND
+    always_after_bytes: int = TRIM_ALWAYS_AFTER_BYTES
     _trim: Callable[[], bool] = attrs.field(default=_trim_heap, alias="trim")
-    _clock: Callable[[], float] = attrs.field(default=time.perf_counter, alias="clock")
+    _clock: Callable[[], float] = attrs.field(default=time.thread_time, alias="clock")
     _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
     _trimming: bool = attrs.field(default=False, alias="trimming")
     _untrimmed: int = attrs.field(default=0, alias="untrimmed")
@@ -111,7 +118,8 @@ class HeapTrimmer:
             self._untrimmed += nbytes
             if self._trimming or self._untrimmed < self.after_bytes:
                 return False
-            if self._untrimmed < self._last_cost * self.bytes_per_second:
+            worth = min(self._last_cost * self.bytes_per_second, self.always_after_bytes)
+            if self._untrimmed < worth:
                 self._deferred += 1
                 return False
             self._trimming = True
@@ -177,6 +185,7 @@ os.register_at_fork(after_in_child=lambda: _trimmer._reset_after_fork())
 
 __all__ = [
     "TRIM_AFTER_BYTES",
+    "TRIM_ALWAYS_AFTER_BYTES",
     "TRIM_BYTES_PER_SECOND",
     "HeapTrimmer",
     "TrimStats",
