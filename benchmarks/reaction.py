@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable
 
 import attrs
 
@@ -173,6 +174,78 @@ class Case:
     served_by_listener: int = 0
 
 
+class Finish:
+    """A measurement's reclaim callback: it frees (``on_free``), then notes when and where it ran.
+
+    Registered on a shrinker of its own with :meth:`register` (every report sent at once).
+    """
+
+    def __init__(self, on_free: Callable[[int], object] | None = None) -> None:
+        self.at = 0
+        self.done = threading.Event()
+        #: Calls on another thread than the one that made this (the measuring thread).
+        self.elsewhere = 0
+        self._on_free = on_free
+        self._measuring = threading.get_ident()
+
+    def __call__(self, n: int) -> int:
+        if self._on_free is not None:
+            self._on_free(n)
+        self.at = time.perf_counter_ns()
+        if threading.get_ident() != self._measuring:
+            self.elsewhere += 1
+        self.done.set()
+        return n
+
+    def register(self, chunk_size: int, controller: Controller, name: str) -> Shrinker:
+        """A shrinker of ``chunk_size`` with this callback, on ``controller``."""
+        self.shrinker = Shrinker.register(
+            chunk_size,
+            self,
+            name=name,
+            transport=EmbeddedTransport(controller),
+            batch_bytes=0,  # every report goes to the controller at once
+        )
+        return self.shrinker
+
+
+def collect(
+    sample: Callable[[], int | None],
+    finish: Finish,
+    samples: int,
+    *,
+    busy: bool,
+    pinned: bool,
+    max_seconds: float,
+) -> tuple[array[int], float]:
+    """Warm up, then run ``sample()`` up to ``samples`` times (or for ``max_seconds``), placed
+    and with a busy thread as asked; the samples it returned (None: not a sample) and the busy
+    thread's rate. The shrinker's books are checked afterwards: every request freed whole."""
+    for _ in range(50):  # first calls, code paths
+        sample()
+    finish.elsewhere = 0
+    gc.collect()
+    results: array[int] = array("q")
+    cpus = placement_cpus() if pinned else None
+    with Pinned(cpus):
+        busy_thread = Busy(cpus[0] if cpus else None) if busy else None
+        with busy_thread if busy_thread is not None else contextlib.nullcontext():
+            started = time.perf_counter()
+            deadline = time.monotonic() + max_seconds
+            for i in range(samples):
+                taken = sample()
+                if taken is not None:
+                    results.append(taken)
+                if i % 128 == 127 and time.monotonic() > deadline:
+                    break
+            elapsed = time.perf_counter() - started
+    stats = finish.shrinker.stats()
+    if stats.chunks_readded or stats.callback_errors:
+        raise RuntimeError(f"unexpected shrinker stats: {stats}")
+    rate = busy_thread.iterations / elapsed if busy_thread is not None else 0.0
+    return results, rate
+
+
 def measure(samples: int, *, busy: bool, pinned: bool, max_seconds: float) -> Case:
     """Collect up to ``samples`` reaction times (ns), stopping early after ``max_seconds``.
 
@@ -182,58 +255,28 @@ def measure(samples: int, *, busy: bool, pinned: bool, max_seconds: float) -> Ca
     scheduler decides, and from one run to the next it may favour either outcome.
     """
     controller = Controller.create(None).start()
-    done = threading.Event()
-    finished = [0]
+    finish = Finish()
+    shrinker = finish.register(CHUNK_SIZE, controller, "reaction-bench")
 
-    def reclaim(n: int) -> int:
-        finished[0] = time.perf_counter_ns()
-        done.set()
-        return n
+    def sample() -> int:
+        finish.done.clear()
+        t0 = time.perf_counter_ns()
+        asked = controller.request(shrinker.efd, 1)
+        if asked != 1:
+            raise RuntimeError(f"controller asked {asked} chunks, expected 1")
+        if not finish.done.wait(10.0):
+            raise RuntimeError("reclaim callback never ran")
+        shrinker.report(1)
+        return finish.at - t0
 
-    shrinker = Shrinker.register(
-        CHUNK_SIZE,
-        reclaim,
-        name="reaction-bench",
-        transport=EmbeddedTransport(controller),
-        batch_bytes=0,  # every report goes to the controller at once
-    )
-    results: array[int] = array("q")
-    cpus = placement_cpus() if pinned else None
-    busy_thread: Busy | None = None
     try:
         shrinker.report(1)
-        # Warm up (first calls, code paths) before measuring.
-        for _ in range(50):
-            done.clear()
-            controller.request(shrinker.efd, 1)
-            done.wait()
-            shrinker.report(1)
-        gc.collect()
-        with Pinned(cpus):
-            busy_thread = Busy(cpus[0] if cpus else None) if busy else None
-            with busy_thread if busy_thread is not None else contextlib.nullcontext():
-                started = time.perf_counter()
-                deadline = time.monotonic() + max_seconds
-                for i in range(samples):
-                    done.clear()
-                    t0 = time.perf_counter_ns()
-                    asked = controller.request(shrinker.efd, 1)
-                    if asked != 1:
-                        raise RuntimeError(f"controller asked {asked} chunks, expected 1")
-                    if not done.wait(10.0):
-                        raise RuntimeError("reclaim callback never ran")
-                    results.append(finished[0] - t0)
-                    shrinker.report(1)
-                    if i % 128 == 127 and time.monotonic() > deadline:
-                        break
-                elapsed = time.perf_counter() - started
-        stats = shrinker.stats()
-        if stats.chunks_readded or stats.callback_errors:
-            raise RuntimeError(f"unexpected shrinker stats: {stats}")
+        results, rate = collect(
+            sample, finish, samples, busy=busy, pinned=pinned, max_seconds=max_seconds
+        )
     finally:
         shrinker.close()
         controller.close()
-    rate = busy_thread.iterations / elapsed if busy_thread is not None else 0.0
     return Case(results, rate, sys.getswitchinterval())
 
 
@@ -251,36 +294,20 @@ class HeldBytes(MemorySource):
 def measure_direct(samples: int, *, busy: bool, pinned: bool, max_seconds: float) -> Case:
     """Reaction times (ns) of requests caused by the measuring thread's own reports.
 
-    The shrinker holds one chunk less than the high watermark; each sample reports one more
-    chunk, the controller decides on this thread and asks for chunks down to the low watermark,
-    and ``reclaim_pending()`` frees them here. Then the shrinker is refilled to one chunk below.
+    Each sample refills the shrinker to one chunk below the high watermark (untimed), then
+    reports one more chunk: the controller decides on this thread and asks for chunks down to the
+    low watermark, and ``reclaim_pending()`` frees them here.
     """
     memory = HeldBytes(CgroupVersion.BUDGET, "reaction-benchmark")
     controller = Controller.create(memory).start()
     marks = Watermarks.for_limit(DIRECT_LIMIT)
-    finished = [0, 0]
-    done = threading.Event()
 
-    def reclaim(n: int) -> int:
+    def free(n: int) -> None:
         memory.held -= n * DIRECT_CHUNK
-        finished[0] = time.perf_counter_ns()
-        finished[1] = threading.get_ident()
-        done.set()
-        return n
 
-    shrinker = Shrinker.register(
-        DIRECT_CHUNK,
-        reclaim,
-        name="reaction-bench-direct",
-        transport=EmbeddedTransport(controller),
-        batch_bytes=0,
-    )
+    finish = Finish(free)
+    shrinker = finish.register(DIRECT_CHUNK, controller, "reaction-bench-direct")
     below = marks.high // DIRECT_CHUNK - 1
-    me = threading.get_ident()
-    results: array[int] = array("q")
-    elsewhere = 0
-    cpus = placement_cpus() if pinned else None
-    busy_thread: Busy | None = None
 
     def refill() -> None:
         missing = below - memory.held // DIRECT_CHUNK
@@ -295,8 +322,9 @@ def measure_direct(samples: int, *, busy: bool, pinned: bool, max_seconds: float
     def sample() -> int | None:
         # None when no request came of the report: the controller's own thread (which polls this
         # source, as it polls cgroup v2) asked again meanwhile and the refill fell short.
-        done.clear()
-        finished[0] = 0
+        refill()
+        finish.done.clear()
+        finish.at = 0
         before = asks()
         t0 = time.perf_counter_ns()
         memory.held += DIRECT_CHUNK
@@ -304,41 +332,20 @@ def measure_direct(samples: int, *, busy: bool, pinned: bool, max_seconds: float
         shrinker.reclaim_pending()
         if asks() == before:
             return None
-        while finished[0] < t0:  # a late request of the controller thread's does not count
-            if not done.wait(10.0):
+        while finish.at < t0:  # a late request of the controller thread's does not count
+            if not finish.done.wait(10.0):
                 raise RuntimeError("the request was never served")
-            done.clear()
-        return finished[0] - t0
+            finish.done.clear()
+        return finish.at - t0
 
     try:
-        refill()
-        for _ in range(50):  # warm up
-            sample()
-            refill()
-        gc.collect()
-        with Pinned(cpus):
-            busy_thread = Busy(cpus[0] if cpus else None) if busy else None
-            with busy_thread if busy_thread is not None else contextlib.nullcontext():
-                started = time.perf_counter()
-                deadline = time.monotonic() + max_seconds
-                for i in range(samples):
-                    taken = sample()
-                    if taken is not None:
-                        results.append(taken)
-                        if finished[1] != me:
-                            elsewhere += 1
-                    refill()
-                    if i % 128 == 127 and time.monotonic() > deadline:
-                        break
-                elapsed = time.perf_counter() - started
-        stats = shrinker.stats()
-        if stats.chunks_readded or stats.callback_errors:
-            raise RuntimeError(f"unexpected shrinker stats: {stats}")
+        results, rate = collect(
+            sample, finish, samples, busy=busy, pinned=pinned, max_seconds=max_seconds
+        )
     finally:
         shrinker.close()
         controller.close()
-    rate = busy_thread.iterations / elapsed if busy_thread is not None else 0.0
-    return Case(results, rate, sys.getswitchinterval(), served_by_listener=elsewhere)
+    return Case(results, rate, sys.getswitchinterval(), served_by_listener=finish.elsewhere)
 
 
 def _figures(case: Case, busy_alone_rate: float) -> dict[str, float]:
