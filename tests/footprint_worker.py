@@ -6,6 +6,7 @@ all belong to the whole process, and a test runner has changed them already. Eac
 one JSON line.
 
     python tests/footprint_worker.py rss-after-reclaim [--no-trim]
+    python tests/footprint_worker.py fill-chunk-cache [--mib 2048]
     python tests/footprint_worker.py threshold {none,embedded,files,pinned}
     python tests/footprint_worker.py audit
 """
@@ -80,6 +81,32 @@ def rss_after_reclaim(no_trim: bool, total_mib: int) -> dict[str, Any]:
         "rss_after": after,
         "freed_bytes": freed,
         "asked_chunks": asked,
+        "trims": stats.trims,
+    }
+
+
+def fill_chunk_cache(total_mib: int) -> dict[str, Any]:
+    """Put ``total_mib`` MiB of 8-32 KiB values into a ChunkCache as fast as it goes.
+
+    Run in a memory-limited group: the embedded controller asks the cache for memory, and what
+    the cache frees stays in malloc's heap unless it is trimmed.
+    """
+    import pyshrinker.trim
+    from pyshrinker import ChunkCache
+
+    cache: ChunkCache[int, bytes] = ChunkCache(4096)
+    rng = random.Random(1)
+    done = key = 0
+    while done < total_mib * MiB:
+        size = rng.randint(8 << 10, 32 << 10)
+        cache.put(key, b"v" * size, nbytes=size)
+        done += size
+        key += 1
+    stats = pyshrinker.trim.trim_stats()
+    return {
+        "allocated_bytes": done,
+        "held_bytes": cache.chunks * cache.chunk_size,
+        "requests": cache.shrinker.stats().requests,
         "trims": stats.trims,
     }
 
@@ -186,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     reclaim = commands.add_parser("rss-after-reclaim")
     reclaim.add_argument("--no-trim", action="store_true")
     reclaim.add_argument("--mib", type=int, default=96)
+    fill = commands.add_parser("fill-chunk-cache")
+    fill.add_argument("--mib", type=int, default=2048)
     allocator = commands.add_parser("threshold")
     allocator.add_argument("mode", choices=["none", "embedded", "files", "pinned"])
     commands.add_parser("audit")
     args = parser.parse_args(argv)
     if args.command == "rss-after-reclaim":
         result = rss_after_reclaim(args.no_trim, args.mib)
+    elif args.command == "fill-chunk-cache":
+        result = fill_chunk_cache(args.mib)
     elif args.command == "threshold":
         result = threshold(args.mode)
     else:

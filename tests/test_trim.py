@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from .footprint_worker import run_in_fresh_process as run_worker
 from .helpers import private_controller
 
 MiB = 1 << 20
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "footprint_worker.py")
 
 
 class FakeTrim:
@@ -259,3 +263,34 @@ class TestMemoryReallyReturns:
         dropped = found["rss_before"] - found["rss_after"]
         assert dropped < 0.2 * found["freed_bytes"], found
         assert found["trims"] == 0
+
+
+@pytest.mark.kernel
+class TestUnderAMemoryLimit:
+    """A ChunkCache of heap-sized values filled at full speed in a 128 MiB v1 group."""
+
+    def test_not_oom_killed(self, v1_group) -> None:
+        """2 GiB of 8-32 KiB values through a 128 MiB group: trimmed, not OOM-killed.
+
+        With the trim call removed from the Shrinker, this test failed 4 times out of 4 here (OOM
+        kills): what the cache frees stays in malloc, charged to the group.
+        """
+        group = v1_group(128 * MiB)
+        proc = group.spawn(
+            [sys.executable, WORKER, "fill-chunk-cache", "--mib", "2048"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert group.read_keyed("memory.oom_control")["oom_kill"] == 0, err[-2000:]
+        assert proc.returncode == 0, err[-2000:]
+        found = json.loads(out.strip().splitlines()[-1])
+        assert found["allocated_bytes"] >= 2048 * MiB
+        assert found["requests"] > 0 and found["trims"] > 0
+        assert group.read_int("memory.max_usage_in_bytes") <= 128 * MiB
