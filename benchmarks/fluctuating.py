@@ -157,7 +157,8 @@ def run_variant(args: argparse.Namespace, name: str, worker_args: list[str]) -> 
     """One variant in a fresh group with its own neighbour; the group is removed afterwards."""
     from pyshrinker.cgroup import ManagedCgroupV1
 
-    group = ManagedCgroupV1.create(f"pyshrinker-bench-{os.getpid()}-{name}", args.limit * MiB)
+    prefix = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-bench-")
+    group = ManagedCgroupV1.create(f"{prefix}{os.getpid()}-{name}", args.limit * MiB)
     neighbour = worker = None
     try:
         neighbour = group.spawn(
