@@ -16,6 +16,9 @@ REQUIRE_KERNEL = os.environ.get("PYSHRINKER_REQUIRE_KERNEL") == "1"
 
 MiB = 1 << 20
 
+#: Name prefix of the cgroups the tests create (set it apart when several runs share a machine).
+CGROUP_PREFIX = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-test-")
+
 
 def need(available: bool, reason: str) -> None:
     """Skip (or, where the kernel is required, fail) unless ``available``."""
@@ -36,7 +39,7 @@ def v1_group() -> Iterator[Callable[[int], ManagedCgroupV1]]:
     made: list[ManagedCgroupV1] = []
 
     def make(limit: int = 128 * MiB) -> ManagedCgroupV1:
-        group = ManagedCgroupV1.create(f"pyshrinker-test-{uuid.uuid4().hex[:12]}", limit)
+        group = ManagedCgroupV1.create(f"{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}", limit)
         made.append(group)
         return group
 
