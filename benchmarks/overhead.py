@@ -9,9 +9,9 @@ first would not show what a user's process sees:
 * *with*: the same interpreter first imports pyshrinker and creates one ShrinkableLRU (which starts
   the embedded controller and its listener, and registers with the controller), then runs the
   workload. Nothing is under memory pressure: this is the cost of merely having a cache;
-* *old* (``--compare-old``): *with* plus what pyshrinker 0.1 did when a cache was created (glibc's
-  mmap threshold pinned at 128 KiB, the switch interval lowered to 1 ms), to show the benchmark
-  sees such costs.
+* *old* (``--compare-old``): *with* plus what pyshrinker used to do when a cache was created
+  (glibc's mmap threshold pinned at 128 KiB, the switch interval lowered to 1 ms), to show the
+  benchmark sees such costs.
 
 The workloads:
 
@@ -171,7 +171,7 @@ def make_runner(workload: str, side: str) -> Callable[[float], None]:
     import pyshrinker
 
     if side == "old":
-        # What pyshrinker 0.1 did to the process when its first cache was created.
+        # What pyshrinker used to do to the process when its first cache was created.
         import ctypes
 
         m_mmap_threshold = -3
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument(
-        "--compare-old", action="store_true", help="also run with 0.1's process-wide settings"
+        "--compare-old", action="store_true", help="also run with the old process-wide settings"
     )
     parser.add_argument("--no-group", action="store_true", help="do not create a cgroup")
     parser.add_argument(

@@ -127,7 +127,8 @@ def threshold(mode: str) -> dict[str, Any]:
     libc.free.argtypes = [ctypes.c_void_p]
     keep: list[Any] = []
     if mode == "pinned":
-        # What pyshrinker 0.1's controller did on start: the control that shows the test can fail.
+        # What pyshrinker's controller used to do on start: the control, which shows the test
+        # can fail.
         m_mmap_threshold = -3
         libc.mallopt(m_mmap_threshold, 128 * 1024)
     elif mode == "embedded":

@@ -22,7 +22,7 @@ class TestAllocatorSettings:
     """No allocator setting changes: glibc's dynamic mmap threshold still moves."""
 
     def test_control_pinned_threshold_is_seen(self) -> None:
-        """The check works: with the threshold pinned (as 0.1 did), a 512 KiB block is mmapped."""
+        """The check works: threshold pinned (as pyshrinker used to), 512 KiB is mmapped."""
         assert run_worker("threshold", "pinned")["mmapped_512k"] is True
 
     @pytest.mark.parametrize("mode", ["none", "embedded", "files"])

@@ -8,7 +8,7 @@ controller sees no effect of what it asked, and another process in the group can
 ``malloc_trim(0)`` returns every free page of every arena to the kernel, in the middle of a heap
 too (glibc madvises them away), not only at its top.
 
-What pyshrinker does not do. Until 0.1.0 the controller pinned glibc's mmap threshold
+What pyshrinker does not do. Earlier versions had the controller pin glibc's mmap threshold
 (``mallopt(M_MMAP_THRESHOLD)``) so that freed large blocks went back by themselves. That setting
 is process-wide: every allocation of 128 KiB or more anywhere in the application became an mmap,
 page faults and a munmap instead of reused heap memory (building 256 KiB buffers ran 2.4 times
