@@ -47,6 +47,19 @@ def rss() -> int:
         return int(statm.read().split()[1]) * PAGE
 
 
+def put_heap_sized_values(cache: Any, total_bytes: int, seed: int) -> int:
+    """Put values of 8-32 KiB into ``cache`` until ``total_bytes``; returns the bytes put."""
+    rng = random.Random(seed)
+    done = key = 0
+    while done < total_bytes:
+        size = rng.randint(8 << 10, 32 << 10)
+        # bytes * n touches every page (bytes(n) may get untouched pages from calloc).
+        cache.put(key, b"v" * size, nbytes=size)
+        done += size
+        key += 1
+    return done
+
+
 def rss_after_reclaim(no_trim: bool, total_mib: int) -> dict[str, Any]:
     """Fill a ChunkCache with 8-32 KiB values, have 3/4 of its chunks asked, measure RSS."""
     import pyshrinker.trim
@@ -57,14 +70,7 @@ def rss_after_reclaim(no_trim: bool, total_mib: int) -> dict[str, Any]:
         pyshrinker.trim._trimmer = pyshrinker.trim.HeapTrimmer(after_bytes=1 << 62)
     controller = Controller.create(None).start()
     cache: ChunkCache[int, bytes] = ChunkCache(4096, transport=EmbeddedTransport(controller))
-    rng = random.Random(7)
-    held = key = 0
-    while held < total_mib * MiB:
-        size = rng.randint(8 << 10, 32 << 10)
-        # bytes * n touches every page (bytes(n) may get untouched pages from calloc).
-        cache.put(key, b"v" * size, nbytes=size)
-        held += size
-        key += 1
+    put_heap_sized_values(cache, total_mib * MiB, seed=7)
     cache.flush()
     before = rss()
     asked = cache.chunks * 3 // 4
@@ -95,13 +101,7 @@ def fill_chunk_cache(total_mib: int) -> dict[str, Any]:
     from pyshrinker import ChunkCache
 
     cache: ChunkCache[int, bytes] = ChunkCache(4096)
-    rng = random.Random(1)
-    done = key = 0
-    while done < total_mib * MiB:
-        size = rng.randint(8 << 10, 32 << 10)
-        cache.put(key, b"v" * size, nbytes=size)
-        done += size
-        key += 1
+    done = put_heap_sized_values(cache, total_mib * MiB, seed=1)
     stats = pyshrinker.trim.trim_stats()
     return {
         "allocated_bytes": done,

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from pyshrinker.aio import AsyncShrinker
 from pyshrinker.trim import TRIM_AFTER_BYTES, HeapTrimmer, after_reclaim, trim_stats
 
 from .footprint_worker import run_in_fresh_process as run_worker
-from .helpers import private_controller
+from .helpers import private_controller, run_in_group
 
 MiB = 1 << 20
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "footprint_worker.py")
@@ -276,20 +275,10 @@ class TestUnderAMemoryLimit:
         kills): what the cache frees stays in malloc, charged to the group.
         """
         group = v1_group(128 * MiB)
-        proc = group.spawn(
-            [sys.executable, WORKER, "fill-chunk-cache", "--mib", "2048"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            out, err = proc.communicate(timeout=240)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        argv = [sys.executable, WORKER, "fill-chunk-cache", "--mib", "2048"]
+        returncode, out, err = run_in_group(group, argv)
         assert group.read_keyed("memory.oom_control")["oom_kill"] == 0, err[-2000:]
-        assert proc.returncode == 0, err[-2000:]
+        assert returncode == 0, err[-2000:]
         found = json.loads(out.strip().splitlines()[-1])
         assert found["allocated_bytes"] >= 2048 * MiB
         assert found["requests"] > 0 and found["trims"] > 0
