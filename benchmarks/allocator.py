@@ -25,12 +25,26 @@ seconds and the next touch of them faults on the host again: the baseline varies
 the machine sat idle before it. The limited run recycles about 256 MiB of pages that are freed
 and faulted in again within milliseconds. A ratio above 1 is therefore no speed-up by
 pyshrinker; it says the limit costs less than the baseline's fresh-memory faults.
-Finally the ``--no-shrinker`` allocator runs once in a 256 MiB group: it must be OOM-killed.
+Then the ``--no-shrinker`` allocator runs once in a 256 MiB group: it must be OOM-killed.
 
-Every group is removed in a ``finally`` block once its process has exited. Figures are
+Against an oracle (section ``oracle``). ``benchmarks/oracle_allocator.py`` is the same allocator
+written by someone who knows the limit: a ring of 200 chunks, the oldest freed as each new one
+comes, glibc's mmap threshold pinned so that each free is a munmap; no pyshrinker at all. It and
+pyshrinker's allocator (``--total 4G``) alternate in one 256 MiB group, created once for the
+section (its peak usage is reset before each run, its OOM-kill counter read as a difference), 5
+runs each. The figure is whole-process wall time, measured here from spawn to exit, interpreter
+start-up and imports included, because that is what pyshrinker costs a program of this shape;
+the ratio is oracle time / pyshrinker time (target: at least 0.95).
+
+Survival (section ``survival``): pyshrinker's allocator allocates 32 times the limit in groups of
+48, 64, 128 and 256 MiB and 1 GiB; each must exit 0 with no OOM kill.
+
+Every group is removed in a ``finally`` block once its process has exited. Group names start with
+``--group-prefix`` (default ``$PYSHRINKER_CGROUP_PREFIX`` or ``pyshrinker-bench-``). Figures are
 printed, never asserted; the last line of output is one JSON object.
 
     python benchmarks/allocator.py            (as root, cgroup v1 memory hierarchy)
+    python benchmarks/allocator.py --sections oracle,survival
 """
 
 from __future__ import annotations
@@ -42,6 +56,8 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
+import uuid
 from typing import Any
 
 from pyshrinker.cgroup import ManagedCgroupV1, v1_memory_available
@@ -49,11 +65,18 @@ from pyshrinker.controller import parse_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALLOCATOR = os.path.join(os.path.dirname(HERE), "examples", "two_thread_allocator.py")
+ORACLE = os.path.join(HERE, "oracle_allocator.py")
 MiB = 1 << 20
 LIMIT = 256 * MiB
 UNLIMITED = 64 << 30
 TARGET_RATIO = 0.70
+TARGET_ORACLE_RATIO = 0.95
+ORACLE_RING = 200
+SURVIVAL_LIMITS = (48 * MiB, 64 * MiB, 128 * MiB, 256 * MiB, 1 << 30)
+SURVIVAL_FACTOR = 32
+SECTIONS = ("limit", "oracle", "survival", "no-shrinker")
 RUN_TIMEOUT_S = 600.0
+_prefix = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-bench-")
 
 
 def _last_json(output: str) -> dict[str, Any] | None:
@@ -67,42 +90,65 @@ def _outcome(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def run_once(label: str, limit: int, total: str, *, shrinker: bool = True) -> dict[str, Any]:
-    """Run the allocator in a new group limited to ``limit``; the group is always removed."""
-    name = f"pyshrinker-bench-{os.getpid()}-{label}"
-    group = ManagedCgroupV1.create(name, limit)
-    proc: subprocess.Popen[str] | None = None
-    try:
+def new_group(label: str, limit: int) -> ManagedCgroupV1:
+    """A v1 group of our own for ``label``, limited to ``limit``."""
+    return ManagedCgroupV1.create(f"{_prefix}{os.getpid()}-{label}-{uuid.uuid4().hex[:6]}", limit)
+
+
+def run_in(
+    group: ManagedCgroupV1, label: str, total: str, *, shrinker: bool = True, oracle: bool = False
+) -> dict[str, Any]:
+    """Run the allocator (or the oracle) in ``group`` and collect its figures.
+
+    The group's peak usage is reset first and its OOM kills counted as a difference, so a group
+    can serve several runs one after the other.
+    """
+    group.write("memory.max_usage_in_bytes", "0")
+    ooms_before = group.read_keyed("memory.oom_control").get("oom_kill", 0)
+    if oracle:
+        argv = [sys.executable, ORACLE, "--total", total, "--ring", str(ORACLE_RING)]
+    else:
         argv = [sys.executable, ALLOCATOR, "--total", total]
         if not shrinker:
             argv.append("--no-shrinker")
-        proc = group.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # our own child, by pid
-            out, err = proc.communicate()
-        figures = _last_json(out) or {}
-        result = {
-            "label": label,
-            "limit_bytes": limit,
-            "returncode": proc.returncode,
-            "outcome": _outcome(proc.returncode),
-            "oom_kill": group.read_keyed("memory.oom_control").get("oom_kill", 0),
-            "max_usage_bytes": group.read_int("memory.max_usage_in_bytes"),
-            "mib_per_s": figures.get("alloc_mib_per_s"),
-            "seconds": figures.get("seconds"),
-            "allocated_bytes": figures.get("allocated_bytes"),
-            "requests": figures.get("requests"),
-            "readded_chunks": figures.get("readded_chunks"),
-        }
-        if shrinker and proc.returncode != 0:
-            result["stderr_tail"] = err[-2000:]
-        return result
+    started = time.perf_counter()
+    proc = group.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # our own child, by pid
+        out, err = proc.communicate()
     finally:
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
+    wall = time.perf_counter() - started
+    figures = _last_json(out) or {}
+    result = {
+        "label": label,
+        "limit_bytes": group.limit,
+        "returncode": proc.returncode,
+        "outcome": _outcome(proc.returncode),
+        "oom_kill": group.read_keyed("memory.oom_control").get("oom_kill", 0) - ooms_before,
+        "max_usage_bytes": group.read_int("memory.max_usage_in_bytes"),
+        "wall_s": round(wall, 4),
+        "mib_per_s": figures.get("alloc_mib_per_s"),
+        "seconds": figures.get("seconds"),
+        "allocated_bytes": figures.get("allocated_bytes"),
+        "requests": figures.get("requests"),
+        "readded_chunks": figures.get("readded_chunks"),
+    }
+    if (shrinker or oracle) and proc.returncode != 0:
+        result["stderr_tail"] = err[-2000:]
+    return result
+
+
+def run_once(label: str, limit: int, total: str, *, shrinker: bool = True) -> dict[str, Any]:
+    """Run the allocator in a new group limited to ``limit``; the group is always removed."""
+    group = new_group(label, limit)
+    try:
+        return run_in(group, label, total, shrinker=shrinker)
+    finally:
         group.remove()
 
 
@@ -110,7 +156,8 @@ def _row(result: dict[str, Any]) -> str:
     rate = result["mib_per_s"]
     rate_text = f"{rate:8.1f} MiB/s" if rate is not None else "       - MiB/s"
     return (
-        f"  {result['label']:<14} {rate_text}  {result['outcome']:<22} "
+        f"  {result['label']:<14} {rate_text}  wall {result['wall_s']:6.2f} s  "
+        f"{result['outcome']:<22} "
         f"oom_kill {result['oom_kill']}  peak {result['max_usage_bytes'] / MiB:7.1f} MiB "
         f"(limit {_limit_text(result['limit_bytes'])})  requests {result['requests']}"
     )
@@ -120,76 +167,190 @@ def _limit_text(limit: int) -> str:
     return f"{limit >> 30} GiB" if limit >= 1 << 30 else f"{limit / MiB:g} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--total", default="4G", help="bytes each run allocates (4G)")
-    parser.add_argument("--rounds", type=int, default=3, help="limited/unlimited pairs (3)")
-    args = parser.parse_args(argv)
-    parse_size(args.total)  # fail early on a bad size
-    if not v1_memory_available():
-        print("needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory", flush=True)
-        return 1
+def _rates(runs: list[dict[str, Any]]) -> list[float]:
+    return [float(r["mib_per_s"]) for r in runs if r["returncode"] == 0 and r["mib_per_s"]]
 
+
+def limit_section(total: str, rounds: int) -> dict[str, Any]:
+    """256 MiB against a 64 GiB group, alternating, after a warm-up run."""
     print(
-        f"two_thread_allocator.py --total {args.total} (1 MiB chunks), "
+        f"two_thread_allocator.py --total {total} (1 MiB chunks), "
         f"limited to {LIMIT // MiB} MiB vs a {UNLIMITED >> 30} GiB group:",
         flush=True,
     )
-    warmup = run_once("warm-up", UNLIMITED, args.total)
+    warmup = run_once("warm-up", UNLIMITED, total)
     print(_row(warmup) + "   (not counted)", flush=True)
     limited: list[dict[str, Any]] = []
     unlimited: list[dict[str, Any]] = []
-    for i in range(1, args.rounds + 1):
+    for i in range(1, rounds + 1):
         for kind, limit, runs in (("limited", LIMIT, limited), ("unlimited", UNLIMITED, unlimited)):
-            result = run_once(f"{kind}-{i}", limit, args.total)
+            result = run_once(f"{kind}-{i}", limit, total)
             runs.append(result)
             print(_row(result), flush=True)
-    no_shrinker = run_once("no-shrinker", LIMIT, args.total, shrinker=False)
-    print(_row(no_shrinker), flush=True)
-
-    def rates(runs: list[dict[str, Any]]) -> list[float]:
-        return [float(r["mib_per_s"]) for r in runs if r["returncode"] == 0 and r["mib_per_s"]]
-
-    limited_rate = statistics.median(rates(limited)) if rates(limited) else 0.0
-    unlimited_rate = statistics.median(rates(unlimited)) if rates(unlimited) else 0.0
+    limited_rate = statistics.median(_rates(limited)) if _rates(limited) else 0.0
+    unlimited_rate = statistics.median(_rates(unlimited)) if _rates(unlimited) else 0.0
     ratio = limited_rate / unlimited_rate if unlimited_rate else 0.0
     limited_peak = max(r["max_usage_bytes"] for r in limited)
     limited_ooms = sum(int(r["oom_kill"]) for r in limited)
-    limited_failed = [r for r in limited + unlimited if r["returncode"] != 0]
-    no_shrinker_killed = (
-        int(no_shrinker["oom_kill"]) > 0 and no_shrinker["returncode"] == -signal.SIGKILL
-    )
+    failed = [r for r in limited + unlimited if r["returncode"] != 0]
     verdict = "met" if ratio >= TARGET_RATIO else "MISSED"
     print(
         f"Medians: limited {limited_rate:.1f} MiB/s, unlimited {unlimited_rate:.1f} MiB/s, "
-        f"ratio {ratio:.3f} (target >= {TARGET_RATIO:g}: {verdict})",
+        f"ratio {ratio:.3f} (target >= {TARGET_RATIO:g}: {verdict}); limited peak usage "
+        f"{limited_peak / MiB:.1f} MiB of {LIMIT // MiB} MiB, {limited_ooms} OOM kills",
         flush=True,
     )
-    print(
-        f"Limited runs: peak usage {limited_peak / MiB:.1f} MiB of {LIMIT // MiB} MiB, "
-        f"{limited_ooms} OOM kills; --no-shrinker in {LIMIT // MiB} MiB: "
-        f"{no_shrinker['outcome']}, oom_kill {no_shrinker['oom_kill']} "
-        f"({'OOM-killed' if no_shrinker_killed else 'NOT OOM-killed'})",
-        flush=True,
-    )
-    for failed in limited_failed:
-        print(f"  run {failed['label']} failed: {failed['outcome']}", flush=True)
-        if failed.get("stderr_tail"):
-            print(failed["stderr_tail"], flush=True)
-    result = {
+    _print_failures(failed)
+    return {
         "limited_mib_per_s": round(limited_rate, 1),
         "unlimited_mib_per_s": round(unlimited_rate, 1),
         "ratio": round(ratio, 3),
         "limited_max_usage_bytes": limited_peak,
         "limit_bytes": LIMIT,
         "limited_oom_kills": limited_ooms,
-        "no_shrinker_oom_killed": no_shrinker_killed,
         "limited_runs_mib_per_s": [r["mib_per_s"] for r in limited],
         "unlimited_runs_mib_per_s": [r["mib_per_s"] for r in unlimited],
         "warmup_mib_per_s": warmup["mib_per_s"],
         "unlimited_limit_bytes": UNLIMITED,
-        "failed_runs": [r["label"] for r in limited_failed],
+        "failed_runs": [r["label"] for r in failed],
     }
+
+
+def oracle_section(total: str, rounds: int) -> dict[str, Any]:
+    """pyshrinker's allocator against the oracle, alternating in one 256 MiB group."""
+    print(
+        f"Against the oracle (ring of {ORACLE_RING} chunks, mmap threshold pinned), --total "
+        f"{total}, alternating in one {LIMIT // MiB} MiB group; whole-process wall time:",
+        flush=True,
+    )
+    group = new_group("oracle", LIMIT)
+    oracle: list[dict[str, Any]] = []
+    ours: list[dict[str, Any]] = []
+    try:
+        for i in range(1, rounds + 1):
+            order = [("oracle", True), ("pyshrinker", False)]
+            for kind, is_oracle in order if i % 2 else order[::-1]:
+                result = run_in(group, f"{kind}-{i}", total, oracle=is_oracle)
+                (oracle if is_oracle else ours).append(result)
+                print(_row(result), flush=True)
+    finally:
+        group.remove()
+
+    def walls(runs: list[dict[str, Any]]) -> list[float]:
+        return [float(r["wall_s"]) for r in runs if r["returncode"] == 0]
+
+    oracle_wall = statistics.median(walls(oracle)) if walls(oracle) else 0.0
+    our_wall = statistics.median(walls(ours)) if walls(ours) else 0.0
+    ratio = oracle_wall / our_wall if our_wall and len(walls(ours)) == len(ours) else 0.0
+    paired = [
+        a["wall_s"] / b["wall_s"]
+        for a, b in zip(oracle, ours, strict=True)
+        if a["returncode"] == 0 and b["returncode"] == 0
+    ]
+    paired_ratio = statistics.median(paired) if paired else 0.0
+    failed = [r for r in oracle + ours if r["returncode"] != 0]
+    verdict = "met" if ratio >= TARGET_ORACLE_RATIO else "MISSED"
+    print(
+        f"Medians: oracle {oracle_wall:.3f} s, pyshrinker {our_wall:.3f} s: pyshrinker at "
+        f"{ratio:.3f} of the oracle (paired {paired_ratio:.3f}; target >= "
+        f"{TARGET_ORACLE_RATIO:g}: {verdict}); pyshrinker peak usage "
+        f"{max(r['max_usage_bytes'] for r in ours) / MiB:.1f} MiB, "
+        f"{sum(int(r['oom_kill']) for r in ours)} OOM kills",
+        flush=True,
+    )
+    _print_failures(failed)
+    return {
+        "oracle_ratio": round(ratio, 3),
+        "oracle_paired_ratio": round(paired_ratio, 3),
+        "oracle_wall_s": round(oracle_wall, 3),
+        "pyshrinker_wall_s": round(our_wall, 3),
+        "oracle_runs_wall_s": [r["wall_s"] for r in oracle],
+        "pyshrinker_runs_wall_s": [r["wall_s"] for r in ours],
+        "oracle_mib_per_s": statistics.median(_rates(oracle)) if _rates(oracle) else 0.0,
+        "pyshrinker_mib_per_s": statistics.median(_rates(ours)) if _rates(ours) else 0.0,
+        "pyshrinker_max_usage_bytes": max(r["max_usage_bytes"] for r in ours),
+        "oracle_failed_runs": [r["label"] for r in failed],
+    }
+
+
+def survival_section() -> dict[str, Any]:
+    """The allocator at 32 times the limit in groups of 48 MiB to 1 GiB."""
+    print(f"Survival: {SURVIVAL_FACTOR} times the limit in each group:", flush=True)
+    rows = []
+    for limit in SURVIVAL_LIMITS:
+        total = str(SURVIVAL_FACTOR * limit)
+        result = run_once(f"survive-{limit >> 20}M", limit, total)
+        print(_row(result), flush=True)
+        rows.append(result)
+    survived = all(r["returncode"] == 0 and r["oom_kill"] == 0 for r in rows)
+    print(f"Survived in every group: {'yes' if survived else 'NO'}", flush=True)
+    _print_failures([r for r in rows if r["returncode"] != 0])
+    return {
+        "survival": [
+            {
+                "limit_bytes": r["limit_bytes"],
+                "allocated_bytes": r["allocated_bytes"],
+                "outcome": r["outcome"],
+                "oom_kill": r["oom_kill"],
+                "max_usage_bytes": r["max_usage_bytes"],
+                "mib_per_s": r["mib_per_s"],
+            }
+            for r in rows
+        ],
+        "survived_all": survived,
+    }
+
+
+def no_shrinker_section(total: str) -> dict[str, Any]:
+    """The allocator with pyshrinker off in 256 MiB: it must be OOM-killed."""
+    result = run_once("no-shrinker", LIMIT, total, shrinker=False)
+    print(_row(result), flush=True)
+    killed = int(result["oom_kill"]) > 0 and result["returncode"] == -signal.SIGKILL
+    print(
+        f"--no-shrinker in {LIMIT // MiB} MiB: {result['outcome']}, oom_kill {result['oom_kill']} "
+        f"({'OOM-killed' if killed else 'NOT OOM-killed'})",
+        flush=True,
+    )
+    return {"no_shrinker_oom_killed": killed}
+
+
+def _print_failures(failed: list[dict[str, Any]]) -> None:
+    for run in failed:
+        print(f"  run {run['label']} failed: {run['outcome']}", flush=True)
+        if run.get("stderr_tail"):
+            print(run["stderr_tail"], flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _prefix
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--total", default="4G", help="bytes each run allocates (4G)")
+    parser.add_argument("--rounds", type=int, default=3, help="limited/unlimited pairs (3)")
+    parser.add_argument("--oracle-rounds", type=int, default=5, help="oracle/pyshrinker pairs (5)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+    )
+    parser.add_argument("--group-prefix", default=_prefix, help="name prefix of created groups")
+    args = parser.parse_args(argv)
+    parse_size(args.total)  # fail early on a bad size
+    sections = [each for each in args.sections.split(",") if each]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {sorted(unknown)}")
+    _prefix = args.group_prefix
+    if not v1_memory_available():
+        print("needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory", flush=True)
+        return 1
+
+    result: dict[str, Any] = {}
+    if "limit" in sections:
+        result.update(limit_section(args.total, args.rounds))
+    if "oracle" in sections:
+        result.update(oracle_section(args.total, args.oracle_rounds))
+    if "survival" in sections:
+        result.update(survival_section())
+    if "no-shrinker" in sections:
+        result.update(no_shrinker_section(args.total))
     print(json.dumps(result))
     return 0
 

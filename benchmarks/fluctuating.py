@@ -13,10 +13,11 @@ touched; given back with munmap, so the kernel sees it at once). The variants:
 The worker runs the same loop for every variant for ``--duration`` seconds: a key drawn from
 Zipf(s=1.0) over ``--keys`` keys; ``v = cache.get(k)``; on a miss, the backend takes
 ``--miss-latency`` seconds and returns a fresh ``--value-size`` value (100 KiB), which is stored.
-Every worker pins glibc's mmap threshold at 128 KiB (as pyshrinker's controller does), so all
-variants' allocations behave alike, and raises its own ``oom_score_adj`` to 1000 (lowering the
-neighbour's would need CAP_SYS_RESOURCE), so when the group runs out of memory the OOM killer
-takes the cache worker, whose fate is the measurement, and not the neighbour.
+No worker changes an allocator setting (pyshrinker changes none either: what its caches free on
+request is returned by a heap trim, see :mod:`pyshrinker.trim`). Every worker raises its own
+``oom_score_adj`` to 1000 (lowering the neighbour's would need CAP_SYS_RESOURCE), so when the
+group runs out of memory the OOM killer takes the cache worker, whose fate is the measurement,
+and not the neighbour.
 
 Reported per variant: operations, hit rate (up to the kill, from the last progress line, if the
 worker was OOM-killed), OOM kills in the group, peak usage. Every group is removed afterwards;
@@ -81,11 +82,8 @@ def zipf_cdf(n_keys: int, s: float) -> list[float]:
 
 def run_worker(args: argparse.Namespace) -> int:
     """The cache loop for ``args.duration`` seconds, with progress lines twice a second."""
-    from pyshrinker._syscalls import MallocParam, mallopt
-
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
-    mallopt(MallocParam.MMAP_THRESHOLD, 128 * 1024)
     cache: Any
     if args.cache == "shrinkable":
         from pyshrinker import ShrinkableLRU, default_controller
@@ -159,7 +157,8 @@ def run_variant(args: argparse.Namespace, name: str, worker_args: list[str]) -> 
     """One variant in a fresh group with its own neighbour; the group is removed afterwards."""
     from pyshrinker.cgroup import ManagedCgroupV1
 
-    group = ManagedCgroupV1.create(f"pyshrinker-bench-{os.getpid()}-{name}", args.limit * MiB)
+    prefix = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-bench-")
+    group = ManagedCgroupV1.create(f"{prefix}{os.getpid()}-{name}", args.limit * MiB)
     neighbour = worker = None
     try:
         neighbour = group.spawn(

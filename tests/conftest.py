@@ -16,9 +16,9 @@ REQUIRE_KERNEL = os.environ.get("PYSHRINKER_REQUIRE_KERNEL") == "1"
 
 MiB = 1 << 20
 
-#: Prefix of the cgroups tests create; ``PYSHRINKER_TEST_CGROUP_PREFIX`` overrides it, so that
-#: runs side by side on one machine can tell theirs apart.
-CGROUP_PREFIX = os.environ.get("PYSHRINKER_TEST_CGROUP_PREFIX", "pyshrinker-test-")
+#: Name prefix of the cgroups the tests create; ``PYSHRINKER_CGROUP_PREFIX`` overrides it, so
+#: that runs side by side on one machine can tell theirs apart.
+CGROUP_PREFIX = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-test-")
 
 
 def need(available: bool, reason: str) -> None:

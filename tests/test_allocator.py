@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from .helpers import run_in_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOCATOR = os.path.join(ROOT, "examples", "two_thread_allocator.py")
 MiB = 1 << 20
@@ -21,14 +23,8 @@ def last_json(text: str) -> dict:
 
 
 def run_in(group, *args: str, timeout: float = 120) -> tuple[int, str]:
-    proc = group.spawn([sys.executable, ALLOCATOR, *args], stdout=subprocess.PIPE, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out
+    returncode, out, _ = run_in_group(group, [sys.executable, ALLOCATOR, *args], timeout)
+    return returncode, out
 
 
 class TestInLimitedCgroup:

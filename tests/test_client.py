@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
+import time
 
 import pytest
 
 import pyshrinker
 from pyshrinker import AbiError, ClosedError, Level, Shrinker, settle, subscribe_levels
 from pyshrinker._syscalls import eventfd_write
-from pyshrinker.client import REACTION_SWITCH_INTERVAL, get_listener
+from pyshrinker.client import get_listener
 
 from .helpers import ScriptedMemory, private_controller
 
@@ -241,10 +241,10 @@ class TestDirectReclaim:
 
 
 class TestListener:
-    """The listener thread: one per process, lower switch interval, barrier."""
+    """The listener thread: one per process, barrier."""
 
-    def test_two_threads_at_most_for_many_shrinkers(self, ctl):
-        """Ten shrinkers and 200 requests: with no callback stuck, two listener threads at most."""
+    def test_two_idle_threads_at_most_for_many_shrinkers(self, ctl):
+        """Ten shrinkers and 200 requests: once idle, two listener threads at most."""
         controller, transport = ctl
         shrinkers = [
             Shrinker.register(4096, Recorder(held=50), transport=transport) for _ in range(10)
@@ -257,19 +257,15 @@ class TestListener:
                 for s in shrinkers:
                     controller.request(s.efd, 1)
                 assert settle()
-                names = [t.name for t in threading.enumerate()]
-                assert 1 <= names.count("pyshrinker-listener") <= 2
+                # One more thread than callbacks running at once; once idle, two at most.
+                deadline = time.monotonic() + 2
+                while get_listener().threads > 2:
+                    assert time.monotonic() < deadline, get_listener().threads
+                    time.sleep(0.01)
             assert all(controller.count(s.efd) == 30 for s in shrinkers)
         finally:
             for s in shrinkers:
                 s.close()
-
-    def test_switch_interval_lowered(self, ctl):
-        """While the listener runs, the interpreter switches threads at least every 1 ms."""
-        _, transport = ctl
-        with Shrinker.register(4096, Recorder(), transport=transport):
-            assert REACTION_SWITCH_INTERVAL is not None
-            assert sys.getswitchinterval() <= REACTION_SWITCH_INTERVAL + 1e-9
 
 
 class TestLevels:

@@ -16,6 +16,7 @@ import cachetools
 import pytest
 
 import pyshrinker.lru
+import pyshrinker.trim
 from pyshrinker import (
     AbiError,
     ClosedError,
@@ -388,7 +389,8 @@ class TestRequests:
     def test_heap_trimmed_after_large_reclaim(self, lru, ctl, monkeypatch):
         """malloc_trim runs after a request frees TRIM_AFTER_BYTES or more, not after less."""
         trims: list[int] = []
-        monkeypatch.setattr(pyshrinker.lru, "malloc_trim", lambda pad: trims.append(pad))
+        recorder = pyshrinker.trim.HeapTrimmer(trim=lambda: trims.append(0) or True)
+        monkeypatch.setattr(pyshrinker.trim, "_trimmer", recorder)
         cache = lru(getsizeof=len)
         for i in range(40):
             cache[i] = bytes(100_000)

@@ -17,6 +17,7 @@ from pyshrinker.client import (
     LevelSubscription,
     Shrinker,
     ShrinkerStats,
+    set_reaction_switch_interval,
     settle,
     subscribe_levels,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "default_controller",
     "drop_on_oom",
     "parse_size",
+    "set_reaction_switch_interval",
     "settle",
     "shrinkable_cache",
     "subscribe_levels",

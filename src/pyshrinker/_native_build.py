@@ -14,8 +14,6 @@ CDEF = """
 static const int PYS_EFD_CLOEXEC;
 static const int PYS_EFD_NONBLOCK;
 static const int PYS_EFD_SEMAPHORE;
-static const int PYS_M_MMAP_THRESHOLD;
-static const int PYS_M_TRIM_THRESHOLD;
 
 int pys_eventfd(unsigned int initval, int flags);
 int pys_eventfd_read(int fd, uint64_t *value);
@@ -25,7 +23,6 @@ int pys_deadline_signal(void);
 int pys_pidfd_open(int pid, unsigned int flags);
 int pys_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
 int pys_malloc_trim(size_t pad);
-int pys_mallopt(int param, int value);
 """
 
 SOURCE = r"""
@@ -51,8 +48,6 @@ SOURCE = r"""
 static const int PYS_EFD_CLOEXEC = EFD_CLOEXEC;
 static const int PYS_EFD_NONBLOCK = EFD_NONBLOCK;
 static const int PYS_EFD_SEMAPHORE = EFD_SEMAPHORE;
-static const int PYS_M_MMAP_THRESHOLD = M_MMAP_THRESHOLD;
-static const int PYS_M_TRIM_THRESHOLD = M_TRIM_THRESHOLD;
 
 static int pys_eventfd(unsigned int initval, int flags) {
     int fd = eventfd(initval, flags);
@@ -183,11 +178,6 @@ static int pys_pidfd_getfd(int pidfd, int targetfd, unsigned int flags) {
 
 static int pys_malloc_trim(size_t pad) {
     return malloc_trim(pad);
-}
-
-/* mallopt returns 1 on success and 0 on error, without setting errno. */
-static int pys_mallopt(int param, int value) {
-    return mallopt(param, value) ? 0 : -EINVAL;
 }
 """
 

@@ -27,15 +27,6 @@ class EventfdFlag(enum.IntFlag):
     SEMAPHORE = lib.PYS_EFD_SEMAPHORE
 
 
-class MallocParam(enum.IntEnum):
-    """``mallopt(3)`` parameters pyshrinker sets."""
-
-    #: Allocations at least this large are served by mmap and returned on free.
-    MMAP_THRESHOLD = lib.PYS_M_MMAP_THRESHOLD
-    #: Free space at the heap top beyond this is returned to the kernel.
-    TRIM_THRESHOLD = lib.PYS_M_TRIM_THRESHOLD
-
-
 def _check(result: int, what: str) -> int:
     if result < 0:
         code = -result
@@ -101,11 +92,6 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
 def malloc_trim(pad: int = 0) -> bool:
     """Return free heap memory to the kernel; True if any was released."""
     return bool(lib.pys_malloc_trim(pad))
-
-
-def mallopt(param: MallocParam, value: int) -> None:
-    """Set a glibc malloc parameter."""
-    _check(lib.pys_mallopt(int(param), value), f"mallopt({param.name}, {value})")
 
 
 def is_eventfd(fd: int) -> bool:

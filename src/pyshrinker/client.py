@@ -2,16 +2,16 @@
 
 A :class:`Shrinker` owns an eventfd registered with a controller (through a transport that
 follows the mempressure ABI) with a chunk size. It batches its ``+N``/``-N`` reports so that the
-hot path costs no syscall per chunk. Requests arrive as a number on its eventfd; one listener
-thread per process waits on all of them with epoll, calls the application's ``reclaim(n)``,
-and gives back (re-adds) the chunks it did not free.
+hot path costs no syscall per chunk. Requests arrive as a number on its eventfd; the process's
+listener threads wait on all of them with epoll, call the application's ``reclaim(n)``, and
+give back (re-add) the chunks it did not free.
 
 Reaction time. A Python thread woken by its fd runs only when it gets the GIL: about 4 us when
-the other threads are idle, but up to the interpreter's switch interval (5 ms by default) when
-another thread is busy in Python, because a waiting thread asks the running one to drop the GIL
-only after waiting that long. The listener therefore lowers the switch interval to
-:data:`REACTION_SWITCH_INTERVAL` while it runs (restored on close). The cost is a GIL hand-over
-every millisecond instead of every 5 between threads that contend for it anyway.
+the other threads are idle, but after the interpreter's switch interval (5 ms by default, often
+twice that) when another thread is busy in Python. A thread that reports new chunks serves the
+requests its report causes itself (:meth:`Shrinker.reclaim_pending`, direct reclaim), with no
+hand-over at all; the listener serves the rest at the interpreter's pace. pyshrinker leaves the
+switch interval alone unless the application opts in with :func:`set_reaction_switch_interval`.
 
 .. versionadded:: 0.1.0
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import sys
 import threading
 import time
 import weakref
@@ -30,16 +29,14 @@ from typing import TypeVar
 
 import attrs
 
-from pyshrinker import _fork
+from pyshrinker import _fork, _switch, trim
+from pyshrinker._switch import REACTION_SWITCH_INTERVAL, set_reaction_switch_interval
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.errors import ClosedError, PyshrinkerError
 from pyshrinker.transport import CONTROLLER_DIR_ENV, EmbeddedTransport, FilesTransport, Transport
 
 log = logging.getLogger(__name__)
-
-#: Switch interval (seconds) set while a listener runs; None leaves the interpreter's alone.
-REACTION_SWITCH_INTERVAL: float | None = 0.001
 
 #: Reports are sent once this many bytes' worth of chunks are pending (at least one chunk).
 DEFAULT_BATCH_BYTES = 1 << 20
@@ -71,7 +68,8 @@ class Listener:
     requests are handled one at a time, in order. A handler that blocks holds only its own
     fd: before a thread runs a handler it makes sure another thread is waiting, starting one
     if none is, so every other shrinker is still served however many callbacks are stuck (up
-    to :data:`MAX_LISTENER_THREADS`). When nothing is stuck there are at most two threads.
+    to :data:`MAX_LISTENER_THREADS`). There is one thread more than handlers running at once, and
+    at most two once idle.
 
     Threads block in epoll with no timeout; ``close()`` writes the wake-up eventfd, which is
     never read, so every thread sees it and stops.
@@ -87,7 +85,6 @@ class Listener:
     _idle: int = attrs.field(default=0, alias="idle")
     _running: dict[int, int] = attrs.field(factory=dict, alias="running")
     _stopping: bool = attrs.field(default=False, alias="stopping")
-    _saved_interval: float | None = attrs.field(default=None, alias="saved_interval")
     _warned_full: bool = attrs.field(default=False, alias="warned_full")
 
     @classmethod
@@ -97,11 +94,7 @@ class Listener:
         ep = select.epoll()
         ep.register(wake, select.EPOLLIN)
         listener = cls(epoll=ep, wake_fd=wake)
-        if REACTION_SWITCH_INTERVAL is not None:
-            current = sys.getswitchinterval()
-            if current > REACTION_SWITCH_INTERVAL:
-                listener._saved_interval = current
-                sys.setswitchinterval(REACTION_SWITCH_INTERVAL)
+        _switch.listener_started()  # the application's opt-in, if any
         with listener._cond:
             listener._spawn()
         return listener
@@ -263,10 +256,7 @@ class Listener:
             self._epoll.close()
             os.close(self._wake_fd)
             self._handlers.clear()
-        if self._saved_interval is not None:
-            if sys.getswitchinterval() == REACTION_SWITCH_INTERVAL:
-                sys.setswitchinterval(self._saved_interval)
-            self._saved_interval = None
+        _switch.listener_stopped()
 
 
 _listener: Listener | None = None
@@ -722,6 +712,9 @@ class Shrinker:
             self._send_and_unlock(change)
         else:
             self._lock.release()
+        # Freed memory must reach the kernel, not stay in malloc: the one place every cache's
+        # reclaim goes through (see pyshrinker.trim).
+        trim.after_reclaim(counted * self.chunk_size)
         if _observers:
             _tell_observers(RequestOutcome(self, asked, counted, readded, reaction, freed is None))
 
@@ -941,6 +934,7 @@ def register_level_eventfds(
 
 __all__ = [
     "EVENTFD_MAX",
+    "REACTION_SWITCH_INTERVAL",
     "LevelSubscription",
     "Listener",
     "RequestOutcome",
@@ -949,6 +943,7 @@ __all__ = [
     "add_request_observer",
     "live_shrinkers",
     "remove_request_observer",
+    "set_reaction_switch_interval",
     "settle",
     "subscribe_levels",
 ]

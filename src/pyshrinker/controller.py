@@ -13,9 +13,8 @@ When memory does not come down after a request it escalates: it asks again (requ
 in flight are not counted twice), tells "medium" level listeners, then runs ``gc.collect()``
 and ``malloc_trim(0)`` and tells "oom" level listeners.
 
-Freed memory must reach the kernel. glibc raises its mmap threshold dynamically the first time
-an mmap-served block is freed (up to 32 MiB), after which 1 MiB blocks come from the heap and
-freeing them returns nothing. The controller pins the threshold with ``mallopt`` on start.
+Freed memory must reach the kernel: the client trims the heap after reclaim
+(:mod:`pyshrinker.trim`). The controller changes no allocator setting.
 
 .. versionadded:: 0.1.0
 """
@@ -38,12 +37,10 @@ import attrs
 from pyshrinker import policy
 from pyshrinker._syscalls import (
     EventfdFlag,
-    MallocParam,
     eventfd,
     eventfd_read,
     eventfd_write,
     malloc_trim,
-    mallopt,
 )
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.cgroup import (
@@ -68,9 +65,6 @@ log = logging.getLogger(__name__)
 
 _C = TypeVar("_C", bound="Controller")
 
-#: glibc's default mmap threshold; pinning it stops the dynamic raise.
-GLIBC_MMAP_THRESHOLD = 128 * 1024
-
 
 @attrs.frozen
 class ControllerConfig:
@@ -87,8 +81,6 @@ class ControllerConfig:
     escalate_after: float = 0.25
     #: Escalation steps taken at most per reclaim episode.
     max_escalation: int = 3
-    #: Pin glibc's mmap threshold on start so freed large blocks go back to the kernel.
-    pin_mmap_threshold: bool = True
     #: Growth rate (bytes/s) assumed when polling adaptively.
     growth_rate: float = 4096 * policy.MiB
     #: Bounds of the adaptive polling interval, in seconds.
@@ -321,11 +313,6 @@ class Controller:
             raise ClosedError("controller is closed")
         if self._thread is not None:
             return self
-        if self.config.pin_mmap_threshold:
-            try:
-                mallopt(MallocParam.MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
-            except OSError as err:  # not glibc, or refused: nothing to pin
-                log.debug("mallopt(M_MMAP_THRESHOLD) failed: %s", err)
         self._wake_fd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)

@@ -21,10 +21,9 @@ How the accounting works:
   costs no report at all. ``flush()`` reports now; after it (and after a request has been
   handled) the controller's count equals ``chunks`` exactly.
 * A request for ``n`` chunks evicts least recently used entries until the chunk count has
-  dropped by ``n`` (whole entries, so perhaps a little more). Then the heap is trimmed
-  (``malloc_trim``) when at least :data:`TRIM_AFTER_BYTES` were freed, because values below
-  glibc's mmap threshold (128 KiB) live in the heap, and freeing them returns nothing to the
-  kernel until it is trimmed.
+  dropped by ``n`` (whole entries, so perhaps a little more). Then the heap is trimmed, as after
+  every cache's reclaim (:mod:`pyshrinker.trim`), because values below glibc's mmap threshold
+  live in the heap, and freeing them returns nothing to the kernel until it is trimmed.
 
 Speed: the hot paths (``get``, ``[]``, ``[]=``, ``del``, ``in``, ``len``, and a cached function's
 call) are C (:mod:`pyshrinker._lru`); see ``benchmarks/lru.py`` for the figures. Thread safety:
@@ -47,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, overload
 import attrs
 
 from pyshrinker._lru import LRUCore, LRUFunction, _Base
-from pyshrinker._syscalls import malloc_trim
 from pyshrinker.client import DEFAULT_BATCH_BYTES, Shrinker
 from pyshrinker.errors import PyshrinkerError
 from pyshrinker.transport import Transport
+from pyshrinker.trim import TRIM_AFTER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,6 @@ _Self = TypeVar("_Self", bound="_Registered")
 
 #: Bytes per chunk unless told otherwise: a page, the unit the kernel reclaims in.
 DEFAULT_CHUNK_SIZE = 4096
-#: After a shrink request frees at least this many bytes, ``malloc_trim(0)`` returns the heap's
-#: free pages to the kernel.
-TRIM_AFTER_BYTES = 1 << 20
 
 _MISSING: Any = object()
 
@@ -244,7 +240,7 @@ class _Registered(_Base):
         with self._report_lock:
             if self._closed:
                 return 0
-            entries, freed_bytes, pairs = self._evict_chunks(
+            entries, _freed_bytes, pairs = self._evict_chunks(
                 asked, self._chunk_size, self._on_evict is not None
             )
             self._evicted_on_request += entries
@@ -261,9 +257,8 @@ class _Registered(_Base):
             self._reported = chunks
         if pairs:
             self._evicted(pairs)
+        # The entries die here; the shrinker trims the heap after the request (pyshrinker.trim).
         del pairs
-        if freed_bytes >= TRIM_AFTER_BYTES:
-            malloc_trim(0)
         return freed
 
     def _evicted(self, pairs: list[tuple[Any, Any]]) -> None:

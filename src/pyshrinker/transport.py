@@ -30,7 +30,6 @@ from typing import Protocol
 
 import attrs
 
-from pyshrinker._syscalls import MallocParam, mallopt
 from pyshrinker.abi import (
     EVENT_CONTROL,
     LEVEL_FILE,
@@ -40,7 +39,7 @@ from pyshrinker.abi import (
     format_register_level,
     format_report,
 )
-from pyshrinker.controller import GLIBC_MMAP_THRESHOLD, Controller, default_controller
+from pyshrinker.controller import Controller, default_controller
 from pyshrinker.errors import (
     AbiError,
     ClosedError,
@@ -146,13 +145,8 @@ class FilesTransport:
     _closed: bool = attrs.field(default=False, alias="closed")
 
     @classmethod
-    def open(cls, directory: str, *, pin_mmap_threshold: bool = True) -> FilesTransport:
-        """Open ``directory``'s ``cgroup.event_control``, ``mempressure.shrinker`` and level file.
-
-        Like the embedded controller, it pins glibc's mmap threshold (``pin_mmap_threshold``):
-        freed chunks must reach the kernel, and with the dynamic threshold freed 1 MiB blocks
-        stay in the heap. The controller is elsewhere, so this process pins it here.
-        """
+    def open(cls, directory: str) -> FilesTransport:
+        """Open ``directory``'s ``cgroup.event_control``, ``mempressure.shrinker``, level file."""
         opened: list[int] = []
         try:
             for name, flags in (
@@ -169,11 +163,6 @@ class FilesTransport:
             for fd in opened:
                 os.close(fd)
             raise
-        if pin_mmap_threshold:
-            try:
-                mallopt(MallocParam.MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
-            except OSError as err:  # not glibc: nothing to pin
-                log.debug("mallopt(M_MMAP_THRESHOLD) failed: %s", err)
         return cls(directory, control_fd=opened[0], shrinker_fd=opened[1], level_fd=opened[2])
 
     @classmethod
