@@ -1,0 +1,86 @@
+"""Helpers for the tests on a real cgroup v2 kernel (scripts/vm-test.sh's guest).
+
+A container's shape, as Kubernetes and Docker give it to a service: its own cgroup namespace
+(``/proc/self/cgroup`` reads ``0::/``), a fresh cgroup2 mounted read-only at /sys/fs/cgroup
+showing the container's group as the root, and a non-root user with no capabilities.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from pyshrinker.cgroup import ManagedCgroup
+
+#: Builds the controller this process would get and prints what it chose, as JSON.
+PROBE = """
+import json, sys
+from pyshrinker.controller import Controller
+budget = int(sys.argv[1]) if len(sys.argv) > 1 else None
+controller = Controller.for_current_process(budget=budget).start()
+marks = controller.watermarks
+print(json.dumps({
+    "version": controller.memory.version.value,
+    "path": controller.memory.path,
+    "limit_from": controller.memory.describe_limit(),
+    "signals": controller.describe_signals(),
+    "unavailable": controller.unavailable,
+    "marks": None if marks is None else [marks.limit, marks.high, marks.low],
+}))
+controller.close()
+"""
+
+#: The unprivileged user the container runs as.
+CONTAINER_UID = 65534
+
+# $1: the group; the rest: the command. unshare makes the namespaces after the shell joined the
+# group (so the namespace's root is that group); the inner shell replaces the cgroup mount with
+# a fresh read-only one, seen from inside the namespace, then drops to the user.
+_CONTAINER_SHELL = (
+    'echo $$ > "$1/cgroup.procs" && shift && '
+    "exec unshare --cgroup --mount /bin/sh -c '"
+    "umount -l /sys/fs/cgroup && "
+    "mount -t cgroup2 -o ro,nosuid,nodev,noexec cgroup2 /sys/fs/cgroup && "
+    f'exec setpriv --reuid={CONTAINER_UID} --regid={CONTAINER_UID} --clear-groups -- "$@"'
+    '\' sh "$@"'
+)
+
+
+def spawn_in_container(
+    group: ManagedCgroup, argv: list[str], **popen_kwargs: Any
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` in ``group``, shaped as a container (namespace, read-only, non-root)."""
+    shell = ["/bin/sh", "-c", _CONTAINER_SHELL, "sh", group.path, *argv]
+    return subprocess.Popen(shell, **popen_kwargs)
+
+
+def run_in_container(
+    group: ManagedCgroup, argv: list[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in ``group`` shaped as a container; capture its output as text."""
+    proc = spawn_in_container(
+        group, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_in_group(
+    group: ManagedCgroup, argv: list[str], timeout: float, **popen_kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside ``group`` (from its first instruction); capture its output as text."""
+    proc = group.spawn(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
