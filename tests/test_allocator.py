@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+from pyshrinker.cgroup import HostMemory
+
+from .v2_helpers import run_in_container, run_in_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOCATOR = os.path.join(ROOT, "examples", "two_thread_allocator.py")
 MiB = 1 << 20
@@ -31,6 +35,7 @@ def run_in(group, *args: str, timeout: float = 120) -> tuple[int, str]:
     return proc.returncode, out
 
 
+@pytest.mark.v1
 class TestInLimitedCgroup:
     """In a 256 MiB v1 group: 32 times the limit with pyshrinker, OOM-killed without."""
 
@@ -54,6 +59,125 @@ class TestInLimitedCgroup:
         code, _ = run_in(group, "--no-shrinker", "--total", "8G")
         assert code == -9
         assert group.read_keyed("memory.oom_control")["oom_kill"] >= 1
+
+
+def check_survived(done: subprocess.CompletedProcess[str], total: int) -> dict:
+    """The allocator exited 0 having allocated ``total`` and been asked to free: its figures."""
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = last_json(done.stdout)
+    assert figures["allocated_bytes"] == total
+    assert figures["requests"] > 0
+    return figures
+
+
+@pytest.mark.v2
+class TestInV2Group:
+    """On a real cgroup v2 kernel: 32 times a 256 MiB memory.max, never OOM-killed.
+
+    8 GiB in 1 MiB chunks takes about 90 s in the guest (Python runs about 10x slower there).
+    """
+
+    def test_own_memory_max(self, v2_group, report_figure):
+        """memory.max 256 MiB on the allocator's group: exit 0, oom_kill 0, peak <= limit."""
+        group = v2_group(256 * MiB)
+        done = run_in_group(group, [sys.executable, ALLOCATOR, "--total", "8G"], timeout=900)
+        figures = check_survived(done, 8 << 30)
+        oom_kill, peak = group.read_keyed("memory.events")["oom_kill"], group.peak()
+        report_figure(
+            "8 GiB in memory.max 256 MiB",
+            exit=done.returncode,
+            oom_kill=oom_kill,
+            peak_mib=round(peak / MiB, 1),
+            seconds=figures["seconds"],
+            requests=figures["requests"],
+        )
+        assert f"memory: v2 {group.path}" in done.stderr
+        assert oom_kill == 0
+        assert peak <= 256 * MiB
+
+    def test_limit_on_the_parent_only(self, v2_group, report_figure):
+        """memory.max 256 MiB on the parent, none on the group: the same, by the parent's."""
+        parent = v2_group(256 * MiB)
+        child = v2_group(None, parent=parent.path)
+        done = run_in_group(child, [sys.executable, ALLOCATOR, "--total", "8G"], timeout=900)
+        figures = check_survived(done, 8 << 30)
+        oom_kill = parent.read_keyed("memory.events")["oom_kill"]
+        peak = parent.peak()
+        report_figure(
+            "8 GiB under a parent's memory.max 256 MiB",
+            exit=done.returncode,
+            oom_kill=oom_kill,
+            peak_mib=round(peak / MiB, 1),
+            seconds=figures["seconds"],
+            requests=figures["requests"],
+        )
+        assert f"memory.events.local ({parent.path})" in done.stderr
+        assert oom_kill == 0 and child.oom_kills() == 0
+        assert peak <= 256 * MiB
+
+    def test_container_shape(self, v2_group, report_figure):
+        """Namespace, read-only cgroupfs, non-root, memory.max 256 MiB: the same."""
+        group = v2_group(256 * MiB)
+        done = run_in_container(group, [sys.executable, ALLOCATOR, "--total", "8G"], timeout=900)
+        figures = check_survived(done, 8 << 30)
+        oom_kill, peak = group.oom_kills(), group.peak()
+        report_figure(
+            "8 GiB in memory.max 256 MiB, container-shaped",
+            exit=done.returncode,
+            oom_kill=oom_kill,
+            peak_mib=round(peak / MiB, 1),
+            seconds=figures["seconds"],
+            requests=figures["requests"],
+        )
+        assert "memory: v2 /sys/fs/cgroup;" in done.stderr
+        assert oom_kill == 0
+        assert peak <= 256 * MiB
+
+    def test_without_pyshrinker_is_oom_killed(self, v2_group, report_figure):
+        """--no-shrinker in the same group: killed by the OOM killer."""
+        group = v2_group(256 * MiB)
+        argv = [sys.executable, ALLOCATOR, "--no-shrinker", "--total", "8G"]
+        done = run_in_group(group, argv, timeout=900)
+        oom_kill, peak = group.oom_kills(), group.peak()
+        report_figure(
+            "8 GiB in memory.max 256 MiB without pyshrinker",
+            exit=done.returncode,
+            oom_kill=oom_kill,
+            peak_mib=round(peak / MiB, 1),
+        )
+        assert done.returncode == -9
+        assert oom_kill >= 1
+
+
+@pytest.mark.vm
+class TestNoLimitInTheGuest:
+    """A group with no limit in the guest: only the machine's memory bounds the allocator."""
+
+    def test_machine_memory_steers(self, v2_group, report_figure):
+        """1.5 times the guest's memory allocated under MemAvailable's watermarks: exit 0."""
+        with HostMemory.open() as host:
+            total_memory = host.read().limit
+        assert total_memory is not None
+        total = (total_memory * 3 // 2) // MiB * MiB
+        group = v2_group(None)
+        # If anything is to be OOM-killed, let it be the allocator and not the test runner.
+        argv = ["/bin/sh", "-c", 'echo 1000 > /proc/self/oom_score_adj && exec "$@"', "sh"]
+        argv += [sys.executable, ALLOCATOR, "--total", str(total)]
+        done = run_in_group(group, argv, timeout=900)
+        figures = check_survived(done, total)
+        oom_kill, peak = group.oom_kills(), group.peak()
+        report_figure(
+            f"{total / MiB:.0f} MiB with no cgroup limit in a {total_memory / MiB:.0f} MiB guest",
+            exit=done.returncode,
+            oom_kill=oom_kill,
+            peak_mib=round(peak / MiB, 1),
+            seconds=figures["seconds"],
+            requests=figures["requests"],
+        )
+        assert f"memory: host /proc/meminfo (MemAvailable: no limit on v2 group {group.path})" in (
+            done.stderr
+        )
+        assert oom_kill == 0
 
 
 class TestProcessBudget:

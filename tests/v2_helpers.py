@@ -35,31 +35,36 @@ CONTAINER_UID = 65534
 
 # $1: the group; the rest: the command. unshare makes the namespaces after the shell joined the
 # group (so the namespace's root is that group); the inner shell replaces the cgroup mount with
-# a fresh read-only one, seen from inside the namespace, then drops to the user.
+# a fresh read-only one, seen from inside the namespace, then drops to the user ({user}: the
+# setpriv command, or nothing to stay root).
 _CONTAINER_SHELL = (
     'echo $$ > "$1/cgroup.procs" && shift && '
     "exec unshare --cgroup --mount /bin/sh -c '"
     "umount -l /sys/fs/cgroup && "
     "mount -t cgroup2 -o ro,nosuid,nodev,noexec cgroup2 /sys/fs/cgroup && "
-    f'exec setpriv --reuid={CONTAINER_UID} --regid={CONTAINER_UID} --clear-groups -- "$@"'
+    'exec {user} "$@"'
     '\' sh "$@"'
 )
+_SETPRIV = f"setpriv --reuid={CONTAINER_UID} --regid={CONTAINER_UID} --clear-groups --"
 
 
 def spawn_in_container(
-    group: ManagedCgroup, argv: list[str], **popen_kwargs: Any
+    group: ManagedCgroup, argv: list[str], *, root: bool = False, **popen_kwargs: Any
 ) -> subprocess.Popen[Any]:
-    """Start ``argv`` in ``group``, shaped as a container (namespace, read-only, non-root)."""
-    shell = ["/bin/sh", "-c", _CONTAINER_SHELL, "sh", group.path, *argv]
-    return subprocess.Popen(shell, **popen_kwargs)
+    """Start ``argv`` in ``group``, shaped as a container (namespace, read-only, non-root).
+
+    ``root`` keeps the user root, with its capabilities, as many container images run.
+    """
+    shell = _CONTAINER_SHELL.format(user="" if root else _SETPRIV)
+    return subprocess.Popen(["/bin/sh", "-c", shell, "sh", group.path, *argv], **popen_kwargs)
 
 
 def run_in_container(
-    group: ManagedCgroup, argv: list[str], timeout: float
+    group: ManagedCgroup, argv: list[str], timeout: float, *, root: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in ``group`` shaped as a container; capture its output as text."""
     proc = spawn_in_container(
-        group, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        group, argv, root=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
