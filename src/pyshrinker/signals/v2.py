@@ -62,3 +62,9 @@ class MemoryEventsWatcher:
 
     def close(self) -> None:
         self.file.close()
+
+    def __enter__(self) -> MemoryEventsWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
