@@ -32,10 +32,10 @@ from pyshrinker.signals.psi import PsiTrigger, StallKind, read_psi
 from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 from .conftest import need
+from .test_signals import has_cap_sys_resource, wait_for
 from .v2_helpers import CONTAINER_UID, PROBE, run_in_container, run_in_group
 
 MiB = 1 << 20
-CAP_SYS_RESOURCE = 24
 GroupFactory = Callable[..., ManagedCgroupV2]
 
 pytestmark = pytest.mark.v2
@@ -59,24 +59,6 @@ def probe(group: ManagedCgroupV2, *args: str) -> dict:
     done = run_in_group(group, [sys.executable, "-c", PROBE, *args], timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def wait_for(fd: int, events: int, timeout: float = 10.0) -> int:
-    """Poll ``fd`` for ``events``; return the revents seen (0 on timeout)."""
-    poller = select.poll()
-    poller.register(fd, events)
-    for _, revents in poller.poll(int(timeout * 1000)):
-        return revents
-    return 0
-
-
-def has_cap_sys_resource() -> bool:
-    """Whether this process has CAP_SYS_RESOURCE (privileged PSI windows)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    return False
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 
 import pytest
@@ -78,9 +78,14 @@ def run_groups() -> set[str]:
 def v1_run() -> Iterator[None]:
     """Needs v1 groups; fails if ``pyshrinker run`` left a group behind (and removes it)."""
     need(v1_memory_available(), "needs root and a cgroup v1 memory hierarchy")
-    before = run_groups()
+    yield from no_groups_left_behind(run_groups)
+
+
+def no_groups_left_behind(groups: Callable[[], set[str]]) -> Iterator[None]:
+    """Fail if the test left new ``groups()`` behind (killing their processes, removing them)."""
+    before = groups()
     yield
-    leftovers = run_groups() - before
+    leftovers = groups() - before
     for path in leftovers:
         with open(os.path.join(path, "cgroup.procs")) as f:
             for pid in f.read().split():
@@ -564,19 +569,7 @@ def v2_run_groups() -> set[str]:
 @pytest.fixture
 def v2_run() -> Iterator[None]:
     """Needs v2 groups; fails if ``pyshrinker run`` left a v2 group behind (and removes it)."""
-    before = v2_run_groups()
-    yield
-    leftovers = v2_run_groups() - before
-    for path in leftovers:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-        for _ in range(500):
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                time.sleep(0.01)
-    assert not leftovers, f"pyshrinker run left groups behind: {leftovers}"
+    yield from no_groups_left_behind(v2_run_groups)
 
 
 STATUS = [sys.executable, "-m", "pyshrinker", "status"]

@@ -23,6 +23,7 @@ from pyshrinker.controller import Controller
 from pyshrinker.policy import Watermarks
 from pyshrinker.transport import EmbeddedTransport
 
+from .test_cgroup import _wait_until as wait_until
 from .v2_helpers import PROBE
 
 MiB = 1 << 20
@@ -35,15 +36,6 @@ def write_meminfo(path: Path, total: int, available: int) -> None:
         f"MemTotal: {total // 1024} kB\nMemFree: {available // 1024} kB\n"
         f"MemAvailable: {available // 1024} kB\n"
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 class TestMachineWatermarks:

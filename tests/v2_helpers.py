@@ -66,13 +66,7 @@ def run_in_container(
     proc = spawn_in_container(
         group, argv, root=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return communicate(proc, timeout)
 
 
 def run_in_group(
@@ -82,6 +76,11 @@ def run_in_group(
     proc = group.spawn(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
     )
+    return communicate(proc, timeout)
+
+
+def communicate(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Wait for ``proc``'s output and exit (killing it after ``timeout`` seconds)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
