@@ -69,6 +69,7 @@ tar -C / -cf "$scratch/fast.tar" \
     done
     echo 'echo +memory > /sys/fs/cgroup/cgroup.subtree_control'
     echo 'export PYSHRINKER_VM=1 PYSHRINKER_STAGE=guest PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1'
+    echo 'export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis'
     echo "export PYSHRINKER_REQUIRE_KERNEL=$(printf '%q' "${PYSHRINKER_REQUIRE_KERNEL:-1}")"
     echo "export PYSHRINKER_OUTCOMES=$(printf '%q' "$scratch/outcomes.json")"
     printf '.venv/bin/python -m pytest -p no:cacheprovider -v --durations=15 -m "v2 or vm"'
