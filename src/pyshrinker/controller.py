@@ -281,7 +281,9 @@ class Controller:
             return
         if isinstance(memory, CgroupV2):
             self._arm_memory_events(memory)
-            psi_path = os.path.join(memory.path, "memory.pressure")
+        watched = memory.group if isinstance(memory, UnlimitedGroup) else memory
+        if isinstance(watched, CgroupV2):
+            psi_path = os.path.join(watched.path, "memory.pressure")
         else:
             group = v2_group_of()
             own = os.path.join(group, "memory.pressure") if group else None
