@@ -78,10 +78,11 @@ tar -C / -cf "$scratch/fast.tar" \
     echo "echo \$? > $(printf '%q' "$scratch/status")"
 } > "$scratch/guest.sh"
 
+# Through a pipe: qemu opens the guest's output as a file, which truncates a log file we write to.
 status=0
 PATH="$root/.venv/bin:$PATH" timeout --kill-after=30 "${PYSHRINKER_VM_TIMEOUT:-1200}" \
     vng --run "$kernel" --disable-kvm --force-9p --disable-microvm --memory 3G --cpus 2 \
-    --rwdir "$scratch" --exec "bash $scratch/guest.sh" </dev/null || status=$?
+    --rwdir "$scratch" --exec "bash $scratch/guest.sh" </dev/null 2>&1 | cat || status=$?
 
 if [[ ! -s $scratch/status ]]; then
     echo "vm-test: the guest did not finish its tests (vng exit status $status: no boot, or timed out)" >&2
