@@ -33,7 +33,7 @@ from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 from .conftest import need
 from .test_signals import has_cap_sys_resource, wait_for
-from .v2_helpers import CONTAINER_UID, PROBE, run_in_container, run_in_group
+from .v2_helpers import CONTAINER_UID, PROBE, probe, run_in_container
 
 MiB = 1 << 20
 GroupFactory = Callable[..., ManagedCgroupV2]
@@ -52,13 +52,6 @@ ALLOCATE_AND_WAIT = (
 
 #: Allocates argv[1] MiB at once and exits.
 ALLOCATE_AND_EXIT = "import sys\nb = bytearray(int(sys.argv[1]) << 20)\n"
-
-
-def probe(group: ManagedCgroupV2, *args: str) -> dict:
-    """What Controller.for_current_process() picks in a process inside ``group``."""
-    done = run_in_group(group, [sys.executable, "-c", PROBE, *args], timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 @pytest.fixture

@@ -6,16 +6,13 @@ cgroupfs is read-only the controller must fall back to reading usage, and say wh
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
 from pyshrinker.cgroup import V1_MOUNT, ManagedCgroupV1
 
-from .v2_helpers import PROBE
+from .v2_helpers import probe
 
 MiB = 1 << 20
 
@@ -33,16 +30,7 @@ class TestReadOnlyV1:
     ) -> None:
         """No usage threshold can be registered: adaptive reads steer, and that is said."""
         group = v1_group(256 * MiB)
-        argv = ["unshare", "--mount", "/bin/sh", "-c", READ_ONLY, "sh"]
-        proc = group.spawn(
-            [*argv, sys.executable, "-c", PROBE],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        chosen = json.loads(out)
+        chosen = probe(group, prefix=("unshare", "--mount", "/bin/sh", "-c", READ_ONLY, "sh"))
         assert (chosen["version"], chosen["path"]) == ("v1", group.path)
         assert chosen["marks"][0] == 256 * MiB
         assert "adaptive polling of usage" in chosen["signals"]

@@ -8,9 +8,6 @@ wins. The guest's run of the allocator past the machine's memory is in test_allo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +21,7 @@ from pyshrinker.policy import Watermarks
 from pyshrinker.transport import EmbeddedTransport
 
 from .test_cgroup import _wait_until as wait_until
-from .v2_helpers import PROBE
+from .v2_helpers import probe
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -91,12 +88,7 @@ class TestUnlimitedV1Group:
         """limit -1 on a group under the unlimited root: host MemAvailable, said so."""
         group = v1_group(64 * MiB)
         group.write("memory.limit_in_bytes", "-1")
-        proc = group.spawn(
-            [sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        chosen = json.loads(out)
+        chosen = probe(group)
         assert (chosen["version"], chosen["path"]) == ("host", "/proc/meminfo")
         with HostMemory.open() as host:
             total = host.read().limit
@@ -112,14 +104,6 @@ class TestUnlimitedV1Group:
         """PYSHRINKER_BUDGET's path: a budget steers in a group with no limit."""
         group = v1_group(64 * MiB)
         group.write("memory.limit_in_bytes", "-1")
-        proc = group.spawn(
-            [sys.executable, "-c", PROBE, str(192 * MiB)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        chosen = json.loads(out)
+        chosen = probe(group, str(192 * MiB))
         assert chosen["version"] == "budget"
         assert chosen["marks"][0] == 192 * MiB

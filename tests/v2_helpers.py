@@ -7,7 +7,9 @@ showing the container's group as the root, and a non-root user with no capabilit
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from typing import Any
 
 from pyshrinker.cgroup import ManagedCgroup
@@ -77,6 +79,17 @@ def run_in_group(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
     )
     return communicate(proc, timeout)
+
+
+def probe(group: ManagedCgroup, *args: str, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What Controller.for_current_process() picks in a process inside ``group``.
+
+    ``args``: the budget, if any; ``prefix``: a command that runs the probe (``unshare ...``).
+    """
+    done = run_in_group(group, [*prefix, sys.executable, "-c", PROBE, *args], timeout=120)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def communicate(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:
