@@ -11,6 +11,12 @@ python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # pyshrinkerd (the daemon extra) mounts FUSE: libfuse3 and fusermount3 come with fuse3.
 [[ -x /usr/bin/fusermount3 ]] || command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+# scripts/vm-test.sh (the cgroup v2 stage of the tests) boots Debian's kernel under qemu with
+# virtme-ng, which packs a static busybox into the guest's initramfs.
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+compgen -G '/boot/vmlinuz-*' >/dev/null || need_apt+=(linux-image-amd64)
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
+    || need_apt+=(busybox-static)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -25,3 +31,5 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q -e '.[dev]'
+# virtme-ng boots the test guest (scripts/vm-test.sh); a test tool, not a dependency.
+[[ -x .venv/bin/vng ]] || .venv/bin/python -m pip install -q virtme-ng

@@ -8,26 +8,27 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pyshrinker.cgroup import ManagedCgroupV1, v1_memory_available
+from pyshrinker.cgroup import (
+    ManagedCgroupV1,
+    ManagedCgroupV2,
+    v1_memory_available,
+    v2_memory_available,
+)
 from pyshrinker.signals.psi import psi_available
 
-#: Set by scripts/test.sh (and so CI): a missing kernel feature fails the test instead of skipping.
-REQUIRE_KERNEL = os.environ.get("PYSHRINKER_REQUIRE_KERNEL") == "1"
+pytest.register_assert_rewrite("tests.kernel_features")
+
+from .kernel_features import REQUIRE_KERNEL, need  # noqa: E402
+
+pytest_plugins = ["tests.kernel_features"]
+
+__all__ = ["REQUIRE_KERNEL", "need"]
 
 MiB = 1 << 20
 
 #: Name prefix of the cgroups the tests create; ``PYSHRINKER_CGROUP_PREFIX`` overrides it, so
 #: that runs side by side on one machine can tell theirs apart.
 CGROUP_PREFIX = os.environ.get("PYSHRINKER_CGROUP_PREFIX", "pyshrinker-test-")
-
-
-def need(available: bool, reason: str) -> None:
-    """Skip (or, where the kernel is required, fail) unless ``available``."""
-    if available:
-        return
-    if REQUIRE_KERNEL:
-        pytest.fail(f"required kernel feature missing: {reason} (PYSHRINKER_REQUIRE_KERNEL=1)")
-    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -85,3 +86,55 @@ def raw(daemon):
         yield files
     finally:
         files.close()
+@pytest.fixture
+def v2_group() -> Iterator[Callable[..., ManagedCgroupV2]]:
+    """Factory for cgroup v2 groups: ``make(limit, high=None, parent=None)``; all removed after.
+
+    ``limit`` None leaves memory.max unset; ``parent`` is another group's path (which then
+    gets the memory controller for its children). Processes a test started in a group must be
+    ended by the test (by pid) before it returns.
+    """
+    need(v2_memory_available(), "needs root and cgroup v2 with the memory controller")
+    made: list[ManagedCgroupV2] = []
+
+    def make(
+        limit: int | None = 128 * MiB, *, high: int | None = None, parent: str | None = None
+    ) -> ManagedCgroupV2:
+        if parent is not None:
+            enable_memory_for_children(parent)
+        name = f"{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
+        group = ManagedCgroupV2.create(name, limit, parent=parent, high=high)
+        made.append(group)
+        return group
+
+    yield make
+    for group in reversed(made):  # children before their parents
+        group.remove()
+
+
+def enable_memory_for_children(path: str) -> None:
+    """``+memory`` in a group's cgroup.subtree_control (it must hold no process itself)."""
+    with open(os.path.join(path, "cgroup.subtree_control"), "w", encoding="ascii") as f:
+        f.write("+memory")
+
+
+#: Figures the tests measured, printed at the end of the run (see report_figure).
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``report_figure(what, **values)``: a line in the run's "figures" section."""
+
+    def report(what: str, **values: object) -> None:
+        pairs = ", ".join(f"{key} {value}" for key, value in values.items())
+        FIGURES.append(f"{request.node.nodeid}: {what}: {pairs}")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import attrs
 
-from pyshrinker.cgroup import CgroupVersion, ManagedCgroupV1, MemorySource, MemoryState
+from pyshrinker.cgroup import CgroupVersion, MemorySource, MemoryState
 from pyshrinker.controller import Controller, ControllerConfig
 from pyshrinker.transport import EmbeddedTransport
 
@@ -49,17 +48,3 @@ def private_controller(
         yield controller, EmbeddedTransport(controller)
     finally:
         controller.close()
-
-
-def run_in_group(
-    group: ManagedCgroupV1, argv: list[str], timeout: float = 240
-) -> tuple[int, str, str]:
-    """Run ``argv`` in ``group`` to its end: (returncode, stdout, stderr); killed on timeout."""
-    proc = group.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # our own child, by pid
-            proc.wait()
-    return proc.returncode, out, err

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from .helpers import run_in_group
+from pyshrinker.cgroup import HostMemory
+
+from .v2_helpers import run_in_container, run_in_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOCATOR = os.path.join(ROOT, "examples", "two_thread_allocator.py")
@@ -23,10 +25,11 @@ def last_json(text: str) -> dict:
 
 
 def run_in(group, *args: str, timeout: float = 120) -> tuple[int, str]:
-    returncode, out, _ = run_in_group(group, [sys.executable, ALLOCATOR, *args], timeout)
-    return returncode, out
+    done = run_in_group(group, [sys.executable, ALLOCATOR, *args], timeout=timeout)
+    return done.returncode, done.stdout
 
 
+@pytest.mark.v1
 class TestInLimitedCgroup:
     """In a 256 MiB v1 group: 32 times the limit with pyshrinker, OOM-killed without."""
 
@@ -50,6 +53,99 @@ class TestInLimitedCgroup:
         code, _ = run_in(group, "--no-shrinker", "--total", "8G")
         assert code == -9
         assert group.read_keyed("memory.oom_control")["oom_kill"] >= 1
+
+
+def survived(done: subprocess.CompletedProcess[str], total: int) -> dict:
+    """The allocator exited 0 having allocated ``total`` and been asked to free: its figures."""
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = last_json(done.stdout)
+    assert figures["allocated_bytes"] == total
+    assert figures["requests"] > 0
+    return figures
+
+
+def outcome(done: subprocess.CompletedProcess[str], group, figures: dict | None = None) -> dict:
+    """What the issue asks to see of a run: exit status, oom_kill, memory.peak (and pace)."""
+    seen = {"exit": done.returncode, "oom_kill": group.oom_kills(), "peak": group.peak()}
+    if figures is not None:
+        seen.update(seconds=figures["seconds"], requests=figures["requests"])
+    return seen
+
+
+def report(report_figure, what: str, seen: dict) -> None:
+    report_figure(what, **{**seen, "peak": f"{seen['peak'] / MiB:.1f} MiB"})
+
+
+ALLOCATE_8G = [sys.executable, ALLOCATOR, "--total", "8G"]
+
+
+@pytest.mark.v2
+class TestInV2Group:
+    """On a real cgroup v2 kernel: 32 times a 256 MiB memory.max, never OOM-killed.
+
+    8 GiB in 1 MiB chunks takes about 100 s in the guest (software emulation).
+    """
+
+    def test_own_memory_max(self, v2_group, report_figure):
+        """memory.max 256 MiB on the allocator's group: exit 0, oom_kill 0, peak <= limit."""
+        group = v2_group(256 * MiB)
+        done = run_in_group(group, ALLOCATE_8G, timeout=900)
+        seen = outcome(done, group, survived(done, 8 << 30))
+        report(report_figure, "8 GiB in memory.max 256 MiB", seen)
+        assert f"memory: v2 {group.path}" in done.stderr
+        assert seen["oom_kill"] == 0 and seen["peak"] <= 256 * MiB
+
+    def test_limit_on_the_parent_only(self, v2_group, report_figure):
+        """memory.max 256 MiB on the parent, none on the group: the same, by the parent's."""
+        parent = v2_group(256 * MiB)
+        child = v2_group(None, parent=parent.path)
+        done = run_in_group(child, ALLOCATE_8G, timeout=900)
+        seen = outcome(done, parent, survived(done, 8 << 30))
+        report(report_figure, "8 GiB under a parent's memory.max 256 MiB (parent's figures)", seen)
+        assert f"memory.events.local ({parent.path})" in done.stderr
+        assert seen["oom_kill"] == 0 and child.oom_kills() == 0
+        assert seen["peak"] <= 256 * MiB
+
+    def test_container_shape(self, v2_group, report_figure):
+        """Namespace, read-only cgroupfs, non-root, memory.max 256 MiB: the same."""
+        group = v2_group(256 * MiB)
+        done = run_in_container(group, ALLOCATE_8G, timeout=900)
+        seen = outcome(done, group, survived(done, 8 << 30))
+        report(report_figure, "8 GiB in memory.max 256 MiB, container-shaped", seen)
+        assert "memory: v2 /sys/fs/cgroup;" in done.stderr
+        assert seen["oom_kill"] == 0 and seen["peak"] <= 256 * MiB
+
+    def test_without_pyshrinker_is_oom_killed(self, v2_group, report_figure):
+        """--no-shrinker in the same group: killed by the OOM killer."""
+        group = v2_group(256 * MiB)
+        done = run_in_group(group, [*ALLOCATE_8G, "--no-shrinker"], timeout=900)
+        seen = outcome(done, group)
+        report(report_figure, "8 GiB in memory.max 256 MiB without pyshrinker", seen)
+        assert done.returncode == -9
+        assert seen["oom_kill"] >= 1
+
+
+@pytest.mark.vm
+class TestNoLimitInTheGuest:
+    """A group with no limit in the guest: only the machine's memory bounds the allocator."""
+
+    def test_machine_memory_steers(self, v2_group, report_figure):
+        """1.25 times the guest's memory allocated under MemAvailable's watermarks: exit 0."""
+        with HostMemory.open() as host:
+            total_memory = host.read().limit
+        assert total_memory is not None
+        total = (total_memory * 5 // 4) // MiB * MiB
+        group = v2_group(None)
+        # If anything is to be OOM-killed, let it be the allocator and not the test runner.
+        argv = ["/bin/sh", "-c", 'echo 1000 > /proc/self/oom_score_adj && exec "$@"', "sh"]
+        argv += [sys.executable, ALLOCATOR, "--total", str(total)]
+        done = run_in_group(group, argv, timeout=900)
+        seen = outcome(done, group, survived(done, total))
+        what = f"{total / MiB:.0f} MiB with no cgroup limit in a {total_memory / MiB:.0f} MiB guest"
+        report(report_figure, what, seen)
+        where = f"memory: host /proc/meminfo (MemAvailable: no limit on v2 group {group.path})"
+        assert where in done.stderr
+        assert seen["oom_kill"] == 0
 
 
 class TestProcessBudget:

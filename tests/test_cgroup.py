@@ -21,12 +21,16 @@ from pyshrinker.cgroup import (
     CgroupVersion,
     HostMemory,
     KernelFile,
+    Limit,
     ManagedCgroupV1,
+    ManagedCgroupV2,
     MemoryState,
     Mount,
     ProcCgroupLine,
+    UnlimitedGroup,
     locate_memory_cgroup,
     memory_source_of,
+    open_group,
     parse_flat_keyed,
     parse_limit,
     parse_meminfo,
@@ -34,8 +38,9 @@ from pyshrinker.cgroup import (
     parse_proc_cgroup,
     v1_memory_available,
     v2_group_of,
+    with_host_fallback,
 )
-from pyshrinker.errors import CgroupError, CgroupNotFound, MalformedFile
+from pyshrinker.errors import CgroupError, CgroupNotFound, MalformedFile, UnsupportedError
 
 from .conftest import need
 
@@ -312,11 +317,22 @@ class TestHostMemory:
                 usage=(2048000 - 512000) * 1024,
                 working_set=(2048000 - 1024000) * 1024,
                 limit=2048000 * 1024,
+                machine=True,
             )
             assert state.headroom == 1024000 * 1024
             # The file is kept open and re-read: a change shows on the next read.
             path.write_text(MEMINFO.replace("1024000", "2000000"))
             assert host.read().working_set == 48000 * 1024
+
+    def test_available_below_free(self, tmp_path: Path) -> None:
+        """MemAvailable under MemFree (little cache, reserves subtracted): usage >= working set."""
+        path = tmp_path / "meminfo"
+        path.write_text("MemTotal: 1000 kB\nMemFree: 600 kB\nMemAvailable: 500 kB\n")
+        with HostMemory.open(str(path)) as host:
+            state = host.read()
+        assert state.working_set == 500 * 1024
+        assert state.usage == state.working_set
+        assert "MemTotal" in HostMemory.open(str(path)).describe_limit()
 
     def test_missing_key(self, tmp_path: Path) -> None:
         """A meminfo without MemAvailable is MalformedFile."""
@@ -398,6 +414,44 @@ class TestCgroupV2Fixture:
         with CgroupV2.open(str(child)) as source:
             assert source.read().limit == 32 * MiB
 
+    def test_parent_binds_when_siblings_fill_it(self, tmp_path: Path) -> None:
+        """A parent's limit binds before the group's own lower one when siblings use the parent.
+
+        The reading is then the parent's: its usage and working set against its limit.
+        """
+        parent = _write_v2_group(tmp_path / "p", max_=str(256 * MiB), current=230 * MiB)
+        child = _write_v2_group(parent / "c", max_=str(128 * MiB))  # 50 MiB, 40 working set
+        with CgroupV2.open(str(child)) as source:
+            limit, state = source.binding()
+            assert limit == Limit(256 * MiB, "memory.max", str(parent))
+            assert state == MemoryState(230 * MiB, 220 * MiB, 256 * MiB)
+            assert source.read() == state
+            assert [each.group for each in source.limits()] == [str(child), str(parent)]
+            text = source.describe_limit()
+            assert f"memory.max of {parent}" in text and f"also {128 * MiB} bytes" in text
+
+    def test_own_high_named(self, tmp_path: Path) -> None:
+        """describe_limit names the file and group that bind; unlimited says so."""
+        group = _write_v2_group(tmp_path / "g", max_=str(100 * MiB), high=str(80 * MiB))
+        with CgroupV2.open(str(group)) as source:
+            assert source.binding()[0] == Limit(80 * MiB, "memory.high", str(group))
+            assert f"memory.high of {group}" in source.describe_limit()
+        free = _write_v2_group(tmp_path / "free")
+        with CgroupV2.open(str(free)) as source:
+            assert source.binding() == (None, MemoryState(50 * MiB, 40 * MiB, None))
+            assert "no memory.max or memory.high" in source.describe_limit()
+
+    def test_ancestor_files_kept_open(self, tmp_path: Path) -> None:
+        """An ancestor's files are kept open too: a changed limit shows on the next read."""
+        parent = _write_v2_group(tmp_path / "p", max_=str(64 * MiB))
+        child = _write_v2_group(parent / "c")
+        with CgroupV2.open(str(child)) as source:
+            assert source.read().limit == 64 * MiB
+            kept = len(source._files)
+            (parent / "memory.max").write_text(f"{96 * MiB}\n")
+            assert source.read().limit == 96 * MiB
+            assert len(source._files) == kept
+
     def test_walk_stops_at_the_root(self, tmp_path: Path) -> None:
         """Ancestors without memory.max (the root group, or outside the tree) are not read."""
         (tmp_path / "memory.high").write_text("1\n")  # a stray file above the tree
@@ -460,6 +514,94 @@ class TestCgroupV2Fixture:
             with pytest.raises(OSError) as info:
                 os.fstat(fd)
             assert info.value.errno == errno.EBADF
+
+
+class TestHostFallback:
+    """No limit anywhere up the hierarchy: the machine's memory steers."""
+
+    def _meminfo(self, tmp_path: Path) -> str:
+        path = tmp_path / "meminfo"
+        path.write_text(MEMINFO)
+        return str(path)
+
+    def test_unlimited_v2_group_reads_the_host(self, tmp_path: Path) -> None:
+        """An unlimited group is wrapped; readings are the host's, marked as the machine's."""
+        group = _write_v2_group(tmp_path / "g")
+        source = with_host_fallback(CgroupV2.open(str(group)), self._meminfo(tmp_path))
+        with source:
+            assert isinstance(source, UnlimitedGroup)
+            assert source.version is CgroupVersion.HOST
+            assert source.group.path == str(group)
+            state = source.read()
+            assert state.machine
+            assert state.limit == 2048000 * 1024
+            assert state.working_set == (2048000 - 1024000) * 1024
+            text = source.describe_limit()
+            assert "no memory.max or memory.high" in text and "MemAvailable" in text
+
+    def test_limit_set_later_is_the_groups(self, tmp_path: Path) -> None:
+        """Once a limit appears on the group, readings are the group's again."""
+        group = _write_v2_group(tmp_path / "g")
+        with with_host_fallback(CgroupV2.open(str(group)), self._meminfo(tmp_path)) as source:
+            (group / "memory.max").write_text(f"{100 * MiB}\n")
+            state = source.read()
+            assert state == MemoryState(50 * MiB, 40 * MiB, 100 * MiB)
+            assert f"memory.max of {group}" in source.describe_limit()
+
+    def test_limited_group_is_kept(self, tmp_path: Path) -> None:
+        """A group with a limit is returned as it is."""
+        group = _write_v2_group(tmp_path / "g", max_=str(100 * MiB))
+        source = with_host_fallback(CgroupV2.open(str(group)), self._meminfo(tmp_path))
+        with source:
+            assert isinstance(source, CgroupV2)
+
+    def test_host_is_kept(self, tmp_path: Path) -> None:
+        """The host source is returned as it is."""
+        host = HostMemory.open(self._meminfo(tmp_path))
+        assert with_host_fallback(host) is host
+        host.close()
+
+    def test_close_closes_both(self, tmp_path: Path) -> None:
+        """Closing the wrapper closes the group's and the host's files; twice is fine."""
+        group = _write_v2_group(tmp_path / "g")
+        source = with_host_fallback(CgroupV2.open(str(group)), self._meminfo(tmp_path))
+        assert isinstance(source, UnlimitedGroup)
+        source.read()
+        fds = [kept.fd for each in (source.group, source.host) for kept in each._files.values()]
+        source.close()
+        source.close()
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+
+    def test_open_group(self, tmp_path: Path) -> None:
+        """open_group tells v2 from v1 by their files; neither is CgroupNotFound."""
+        group = _write_v2_group(tmp_path / "g")
+        with open_group(str(group)) as source:
+            assert isinstance(source, CgroupV2)
+        (tmp_path / "v1").mkdir()
+        (tmp_path / "v1" / "memory.usage_in_bytes").write_text("1\n")
+        with open_group(str(tmp_path / "v1")) as source:
+            assert isinstance(source, CgroupV1)
+        with pytest.raises(CgroupNotFound):
+            open_group(str(tmp_path))
+
+
+class TestManagedCgroupV2Pure:
+    """ManagedCgroupV2 checks that need no kernel."""
+
+    @pytest.mark.parametrize(("limit", "high"), [(0, None), (-1, None), (MiB, 0)])
+    def test_limits_must_be_positive(self, tmp_path: Path, limit: int, high: int | None) -> None:
+        """A non-positive limit is refused before anything is created."""
+        with pytest.raises(ValueError):
+            ManagedCgroupV2.create("g", limit, parent=str(tmp_path), high=high)
+        assert not (tmp_path / "g").exists()
+
+    def test_no_memory_controller(self, tmp_path: Path) -> None:
+        """A parent whose children get no memory files: UnsupportedError naming the fix."""
+        with pytest.raises(UnsupportedError, match=r"\+memory"):
+            ManagedCgroupV2.create("g", None, parent=str(tmp_path))
+        assert not (tmp_path / "g").exists()
 
 
 class TestKernelFile:
@@ -625,7 +767,7 @@ def _spawn_allocator(
     return proc
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestCgroupV1Kernel:
     """CgroupV1 on real groups made by the v1_group fixture."""
 
@@ -747,7 +889,7 @@ class TestCgroupV1Kernel:
             assert str(os.getpid()) in f.read().split()
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestManagedCgroupV1Kernel:
     """ManagedCgroupV1: create, spawn inside, remove."""
 

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 
 import pytest
@@ -18,9 +18,10 @@ import pytest
 from pyshrinker import __version__ as pyshrinker_version
 from pyshrinker import cli, demo
 from pyshrinker.abi import Level
-from pyshrinker.cgroup import V1_MOUNT, v1_memory_available
+from pyshrinker.cgroup import V1_MOUNT, v1_memory_available, v2_group_of, v2_mount
 from pyshrinker.controller import ShrinkRequest
 from tests.conftest import need
+from tests.v2_helpers import run_in_container, run_in_group
 
 MiB = 1 << 20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,6 +33,7 @@ STATUS_KEYS = {
     "usage",
     "working_set",
     "headroom",
+    "watermarks",
     "psi",
     "signals",
     "unavailable",
@@ -76,9 +78,14 @@ def run_groups() -> set[str]:
 def v1_run() -> Iterator[None]:
     """Needs v1 groups; fails if ``pyshrinker run`` left a group behind (and removes it)."""
     need(v1_memory_available(), "needs root and a cgroup v1 memory hierarchy")
-    before = run_groups()
+    yield from no_groups_left_behind(run_groups)
+
+
+def no_groups_left_behind(groups: Callable[[], set[str]]) -> Iterator[None]:
+    """Fail if the test left new ``groups()`` behind (killing their processes, removing them)."""
+    before = groups()
     yield
-    leftovers = run_groups() - before
+    leftovers = groups() - before
     for path in leftovers:
         with open(os.path.join(path, "cgroup.procs")) as f:
             for pid in f.read().split():
@@ -161,7 +168,7 @@ class TestStatus:
         for label in ("memory source", "limit", "working set", "PSI system", "signals"):
             assert label in proc.stdout
 
-    @pytest.mark.kernel
+    @pytest.mark.v1
     def test_inside_a_limited_group(self, v1_run):
         """Under ``run --memory 256M`` status shows that group, its limit and usage thresholds."""
         proc = pyshrinker(
@@ -243,7 +250,6 @@ class TestDescribeEvents:
         ]
 
 
-@pytest.mark.kernel
 class TestRun:
     """run: a command in a fresh memory-limited cgroup, reported and cleaned up."""
 
@@ -389,11 +395,12 @@ class TestRun:
 
     def test_no_cgroup_is_a_clear_error(self, monkeypatch, capsys):
         """Where groups cannot be created: exit 1, one line saying what is needed."""
-        monkeypatch.setattr(cli, "v1_memory_available", lambda: False)
+        monkeypatch.setattr(cli, "managed_cgroup_class", lambda: None)
         assert cli.main(["run", "--memory", "64M", "--", "true"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1
-        assert "needs root and the cgroup v1 memory controller" in err
+        assert "needs root and either the cgroup v1 memory controller" in err
+        assert "+memory in" in err
 
 
 class TestExitStatus:
@@ -408,7 +415,7 @@ class TestExitStatus:
 class TestDemo:
     """demo: the allocator with and without pyshrinker, and its plot."""
 
-    @pytest.mark.kernel
+    @pytest.mark.v1
     def test_plot_written(self, tmp_path):
         """--plot: both runs behave, and the file is a PNG.
 
@@ -436,7 +443,7 @@ class TestDemo:
 
     def test_process_budget_fallback(self, monkeypatch, capsys):
         """Where no group can be made, one run under a process budget keeps RSS under it."""
-        monkeypatch.setattr(demo, "v1_memory_available", lambda: False)
+        monkeypatch.setattr(demo, "managed_cgroup_class", lambda: None)
         assert cli.main(["demo", "--memory", "192M", "--total", "512M", "--json"]) == 0
         captured = capsys.readouterr()
         assert "process budget" in captured.err
@@ -462,7 +469,7 @@ class TestDemo:
         assert pyshrinker("demo", *args).returncode == 2
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestAllocatorTrace:
     """The allocator's --trace, which the demo's plot reads."""
 
@@ -552,3 +559,149 @@ class TestFormatting:
         """A quarter of the limit fills a quarter of the bar; no limit, no bar."""
         assert cli.usage_bar(25, 100, width=8) == "[##......]  25 %"
         assert cli.usage_bar(25, None) == ""
+
+
+def v2_run_groups() -> set[str]:
+    mount = v2_mount() or "/sys/fs/cgroup"
+    return set(glob.glob(os.path.join(mount, cli.RUN_GROUP_PREFIX + "*")))
+
+
+@pytest.fixture
+def v2_run() -> Iterator[None]:
+    """Needs v2 groups; fails if ``pyshrinker run`` left a v2 group behind (and removes it)."""
+    yield from no_groups_left_behind(v2_run_groups)
+
+
+STATUS = [sys.executable, "-m", "pyshrinker", "status"]
+
+
+@pytest.mark.v2
+class TestOnV2:
+    """status, watch, run and demo on a real cgroup v2 kernel."""
+
+    def test_status_in_a_limited_group(self, v2_group, report_figure):
+        """In a group with memory.max 256 MiB: that group, its limit, events and PSI."""
+        group = v2_group(256 * MiB)
+        done = run_in_group(group, [*STATUS, "--json"], timeout=120)
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert status["memory"] == {
+            "version": "v2",
+            "path": group.path,
+            "cgroup": group.path,
+            "limit_from": status["memory"]["limit_from"],
+        }
+        assert status["memory"]["limit_from"].startswith(f"{256 * MiB} bytes, memory.max of ")
+        assert status["limit"] == 256 * MiB
+        assert 0 < status["working_set"] <= status["usage"] < 256 * MiB
+        assert status["watermarks"]["high"] < 256 * MiB
+        assert status["psi"]["cgroup"]["path"] == f"{group.path}/memory.pressure"
+        assert f"cgroup v2 memory.events ({group.path})" in status["signals"]
+        text = run_in_group(group, STATUS, timeout=120)
+        assert text.returncode == 0, text.stderr
+        report_figure(
+            "pyshrinker status in a v2 group with memory.max 256 MiB", text="\n" + text.stdout
+        )
+
+    def test_status_at_the_root(self):
+        """At the v2 root (no limit, no memory.current): the machine, working set <= usage."""
+        need(v2_group_of() == v2_mount(), "needs this process in the v2 root group")
+        proc = pyshrinker("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(proc.stdout)
+        assert status["memory"]["version"] == "host"
+        assert status["memory"]["cgroup"] is None
+        assert 0 < status["working_set"] <= status["usage"] <= status["limit"]
+
+    def test_status_with_no_limit(self, v2_group, report_figure):
+        """A group with no limit up the hierarchy: the machine's MemAvailable, and why."""
+        group = v2_group(None)
+        done = run_in_group(group, [*STATUS, "--json"], timeout=120)
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert status["memory"]["version"] == "host"
+        assert status["memory"]["cgroup"] == group.path
+        assert "no memory.max or memory.high" in status["memory"]["limit_from"]
+        assert "MemAvailable" in status["memory"]["limit_from"]
+        assert 0 < status["working_set"] <= status["usage"] <= status["limit"]
+        assert status["watermarks"] is not None
+        text = run_in_group(group, STATUS, timeout=120)
+        assert text.returncode == 0, text.stderr
+        assert "MemAvailable under" in text.stdout
+        report_figure("pyshrinker status in a v2 group with no limit", text="\n" + text.stdout)
+
+    def test_status_in_the_container_shape(self, v2_group, report_figure):
+        """Namespace, read-only cgroupfs, non-root: the container's limit; PSI falls back."""
+        group = v2_group(256 * MiB)
+        done = run_in_container(group, [*STATUS, "--json"], timeout=120)
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert status["memory"]["path"] == "/sys/fs/cgroup"
+        assert status["limit"] == 256 * MiB
+        assert any(
+            why.startswith("needs a write, refused") for why in status["unavailable"].values()
+        )
+        text = run_in_container(group, STATUS, timeout=120)
+        assert text.returncode == 0, text.stderr
+        assert "psi trigger on /sys/fs/cgroup/memory.pressure: needs a write, refused" in (
+            text.stdout
+        )
+        report_figure("pyshrinker status in the container shape", text="\n" + text.stdout)
+
+    def test_watch(self, v2_group):
+        """watch in a v2 group: usage lines against its 256 MiB limit."""
+        group = v2_group(256 * MiB)
+        argv = [sys.executable, "-m", "pyshrinker", "watch", "--count", "2", "--interval", "0.2"]
+        done = run_in_group(group, argv, timeout=120)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith(f"watching cgroup v2 {group.path}")
+        updates = [line for line in lines if "  usage " in line]
+        assert len(updates) == 2
+        assert all("of 256.0 MiB" in line for line in updates)
+
+    def test_run_creates_a_v2_group(self, v2_run):
+        """run --memory 64M: a fresh v2 group with memory.max; 200 MiB there is OOM-killed."""
+        proc = pyshrinker(
+            "run", "--memory", "64M", "--json", "--", sys.executable, "-c", ALLOCATE_200M
+        )
+        assert proc.returncode == 137, proc.stderr
+        report = last_json(proc.stderr)
+        assert set(report) == RUN_KEYS
+        mount = v2_mount() or "/sys/fs/cgroup"
+        assert os.path.dirname(report["cgroup"]) == mount
+        assert os.path.basename(report["cgroup"]).startswith(cli.RUN_GROUP_PREFIX)
+        assert report["limit"] == 64 * MiB
+        assert report["oom_kill"] >= 1 and report["signal"] == "SIGKILL"
+        assert 0 < report["peak_usage"] <= 64 * MiB
+
+    def test_run_fits(self, v2_run):
+        """A command that fits exits 0; memory.peak and oom_kill 0 are reported."""
+        code = "b = bytearray(32 << 20)"
+        proc = pyshrinker("run", "--memory", "256M", "--json", "--", sys.executable, "-c", code)
+        assert proc.returncode == 0, proc.stderr
+        report = last_json(proc.stderr)
+        assert report["oom_kill"] == 0 and report["exit_status"] == 0
+        assert 32 * MiB <= report["peak_usage"] <= 256 * MiB
+
+    def test_status_under_run(self, v2_run):
+        """status under ``run --memory`` shows the v2 group run made."""
+        proc = pyshrinker("run", "--memory", "256M", "--", *STATUS, "--json")
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(proc.stdout)
+        assert status["memory"]["version"] == "v2"
+        assert os.path.basename(status["memory"]["path"]).startswith(cli.RUN_GROUP_PREFIX)
+        assert status["limit"] == 256 * MiB
+
+    def test_demo(self):
+        """demo on v2: with pyshrinker exit 0 under the limit, without it OOM-killed."""
+        proc = pyshrinker("demo", "--memory", "256M", "--total", "512M", "--json", timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "cgroup v2 memory group" in proc.stderr
+        report = json.loads(proc.stdout)
+        with_, without = report["with_shrinker"], report["without_shrinker"]
+        assert with_["returncode"] == 0 and with_["oom_kill"] == 0
+        assert with_["max_usage_bytes"] <= 256 * MiB
+        assert without["returncode"] == -9 and without["oom_kill"] >= 1
+        mount = v2_mount() or "/sys/fs/cgroup"
+        assert not glob.glob(os.path.join(mount, "pyshrinker-demo-*"))

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from pyshrinker.cgroup import ManagedCgroupV1
+from pyshrinker.cgroup import ManagedCgroup, ManagedCgroupV1, ManagedCgroupV2
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,57 +82,80 @@ def drive(port: int, plan: list[str], clients: int, check: Callable[[str, bytes]
     return tally
 
 
-@pytest.mark.kernel
+def serve_past_the_limit(group: ManagedCgroup) -> tuple[dict, dict]:
+    """3,000 requests over 2,000 keys of 100 KiB to the service in ``group``: (tally, stats)."""
+    service = load_service_module()
+    proc = group.spawn(
+        [
+            sys.executable,
+            SERVICE,
+            "--port",
+            "0",
+            "--value-size",
+            str(VALUE_SIZE),
+            "--backend-latency",
+            "0.002",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = read_port(proc, timeout=120)
+
+        def check(key: str, body: bytes) -> bool:
+            return body == service.value_for(key, VALUE_SIZE)
+
+        # Every key once (2,000 x 100 KiB: ~200 MB, more than fits), then the most recent
+        # 500 again and again: those fit, and should mostly be hits.
+        keys = [f"item-{n}" for n in range(2000)]
+        plan = keys + keys[-500:] * 2
+        tally = drive(port, plan, clients=4, check=check)
+        assert tally["errors"] == []
+        assert tally["wrong"] == 0
+        assert tally["ok"] == len(plan) == 3000
+        assert tally["hits"] > 0
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/stats")
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+
+        assert proc.poll() is None, "the service died"
+        assert group.oom_kills() == 0
+        assert group.peak() <= 128 * MiB
+        assert stats["shrink_requests"] > 0
+        assert stats["evicted_on_request"] > 0
+        assert stats["entries"] < len(keys)
+        return tally, stats
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 class TestLRUService:
     """The caching service keeps answering correctly inside a memory limit."""
 
+    @pytest.mark.v1
     def test_serves_past_the_limit(self, v1_group: Callable[[int], ManagedCgroupV1]) -> None:
         """3,000 requests over 2,000 keys of 100 KiB in 128 MiB: all right, no OOM kill."""
-        service = load_service_module()
-        group = v1_group(128 * MiB)
-        proc = group.spawn(
-            [
-                sys.executable,
-                SERVICE,
-                "--port",
-                "0",
-                "--value-size",
-                str(VALUE_SIZE),
-                "--backend-latency",
-                "0.002",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        _, stats = serve_past_the_limit(v1_group(128 * MiB))
+        assert any("memory: v1" in line for line in stats["signals"])
+
+    @pytest.mark.v2
+    def test_serves_past_a_v2_limit(
+        self, v2_group: Callable[..., ManagedCgroupV2], report_figure: Callable[..., None]
+    ) -> None:
+        """The same in a cgroup v2 group with memory.max 128 MiB; the hit rate is reported."""
+        group = v2_group(128 * MiB)
+        tally, stats = serve_past_the_limit(group)
+        report_figure(
+            "LRU service, 3000 requests, memory.max 128 MiB",
+            hit_rate=round(tally["hits"] / tally["ok"], 3),
+            hits=tally["hits"],
+            oom_kill=group.oom_kills(),
+            peak_mib=round(group.peak() / MiB, 1),
+            shrink_requests=stats["shrink_requests"],
+            evicted_on_request=stats["evicted_on_request"],
         )
-        try:
-            port = read_port(proc, timeout=30)
-
-            def check(key: str, body: bytes) -> bool:
-                return body == service.value_for(key, VALUE_SIZE)
-
-            # Every key once (2,000 x 100 KiB: ~200 MB, more than fits), then the most recent
-            # 500 again and again: those fit, and should mostly be hits.
-            keys = [f"item-{n}" for n in range(2000)]
-            plan = keys + keys[-500:] * 2
-            tally = drive(port, plan, clients=4, check=check)
-            assert tally["errors"] == []
-            assert tally["wrong"] == 0
-            assert tally["ok"] == len(plan) == 3000
-            assert tally["hits"] > 0
-
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("GET", "/stats")
-            stats = json.loads(conn.getresponse().read())
-            conn.close()
-
-            assert proc.poll() is None, "the service died"
-            assert group.read_keyed("memory.oom_control")["oom_kill"] == 0
-            assert group.read_int("memory.max_usage_in_bytes") <= 128 * MiB
-            assert stats["shrink_requests"] > 0
-            assert stats["evicted_on_request"] > 0
-            assert stats["entries"] < len(keys)
-            assert any("memory: v1" in line for line in stats["signals"])
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
+        assert any(f"memory: v2 {group.path}" in line for line in stats["signals"])

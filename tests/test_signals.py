@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pyshrinker.cgroup import ManagedCgroupV1
+from pyshrinker.cgroup import ManagedCgroupV1, v2_mount
 from pyshrinker.errors import CgroupNotFound, MalformedFile
 from pyshrinker.signals.budget import PAGE_SIZE, ProcessBudget, parse_statm
 from pyshrinker.signals.psi import (
@@ -47,7 +47,6 @@ from pyshrinker.signals.v2 import MemoryEventsWatcher
 from .conftest import need
 
 MiB = 1 << 20
-V2_MOUNT = "/sys/fs/cgroup/unified"
 CAP_SYS_RESOURCE = 24
 
 GroupFactory = Callable[[int], ManagedCgroupV1]
@@ -159,13 +158,19 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def v2_group() -> Iterator[str]:
-    """A fresh cgroup v2 directory of this test's own, removed afterwards."""
+def unified_group() -> Iterator[str]:
+    """A fresh directory on the cgroup2 mount (memory controller or not), removed afterwards.
+
+    Here that is /sys/fs/cgroup/unified, where v1 holds the memory controller but every group
+    still has memory.pressure.
+    """
+    mount = v2_mount()
     need(
-        os.path.exists(os.path.join(V2_MOUNT, "cgroup.procs")) and os.access(V2_MOUNT, os.W_OK),
-        f"needs root and cgroup v2 at {V2_MOUNT}",
+        mount is not None and os.access(mount, os.W_OK),
+        "needs root and a cgroup2 mount",
     )
-    path = os.path.join(V2_MOUNT, f"pyshrinker-test-{uuid.uuid4().hex[:12]}")
+    assert mount is not None
+    path = os.path.join(mount, f"pyshrinker-test-{uuid.uuid4().hex[:12]}")
     os.mkdir(path)
     try:
         yield path
@@ -182,7 +187,7 @@ def v2_group() -> Iterator[str]:
                 time.sleep(0.01)
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestUsageThreshold:
     """UsageThreshold on real v1 groups."""
 
@@ -258,7 +263,7 @@ class TestUsageThreshold:
         assert open_fds() == before
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestPressureLevel:
     """PressureLevel (vmpressure) on real v1 groups."""
 
@@ -333,7 +338,7 @@ class TestPressureLevel:
                     notifier.close()
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestOomNotifier:
     """OomNotifier on a real v1 group."""
 
@@ -364,7 +369,7 @@ class TestOomNotifier:
             oom.close()
 
 
-@pytest.mark.kernel
+@pytest.mark.v1
 class TestGroupRemoval:
     """Removing a v1 group signals every eventfd registered on it."""
 
@@ -521,7 +526,7 @@ class TestPsiTriggerArgs:
             PsiTrigger.arm(str(tmp_path / "absent"))
 
 
-@pytest.mark.kernel
+@pytest.mark.psi
 class TestPsiTriggerKernel:
     """PsiTrigger.arm on real pressure files."""
 
@@ -578,31 +583,31 @@ class TestPsiTriggerKernel:
             trigger.close()
         assert open_fds() == before
 
-    def test_arm_v2_group(self, v2_group: str) -> None:
+    def test_arm_unified_group(self, unified_group: str) -> None:
         """A v2 group's memory.pressure takes a trigger too; removing the group gives POLLERR."""
-        path = os.path.join(v2_group, "memory.pressure")
+        path = os.path.join(unified_group, "memory.pressure")
         need(psi_available(path), "needs PSI in cgroup v2 groups")
         trigger = PsiTrigger.arm(path, StallKind.SOME, 150_000, 1_000_000)
         try:
             self._check_window(trigger, 150_000, 1_000_000)
             assert path in trigger.describe()
             assert wait_for(trigger.fileno(), select.POLLPRI, timeout=0.1) == 0
-            os.rmdir(v2_group)
+            os.rmdir(unified_group)
             assert wait_for(trigger.fileno(), select.POLLPRI) & select.POLLERR
         finally:
             trigger.close()
         trigger.close()
 
-    def test_fires_on_stalls_in_v2_group(
-        self, v1_group: GroupFactory, v2_group: str, children: list, big_file: str
+    def test_fires_on_stalls_in_unified_group(
+        self, v1_group: GroupFactory, unified_group: str, children: list, big_file: str
     ) -> None:
         """A child thrashing a mapped file in a 64 MiB v1 group stalls its v2 group: POLLPRI."""
-        path = os.path.join(v2_group, "memory.pressure")
+        path = os.path.join(unified_group, "memory.pressure")
         need(psi_available(path), "needs PSI in cgroup v2 groups")
         group = v1_group(64 * MiB)
         trigger = PsiTrigger.arm(path, StallKind.SOME, 10_000, 2_000_000)
         try:
-            join_v2 = f'echo $$ > "{v2_group}/cgroup.procs"'
+            join_v2 = f'echo $$ > "{unified_group}/cgroup.procs"'
             proc = spawn(group, children, THRASH_MAPPED_FILE, big_file, "10", shell_prefix=join_v2)
             assert wait_for(trigger.fileno(), select.POLLPRI, timeout=20) & select.POLLPRI
             assert trigger.consume() is True
@@ -612,7 +617,6 @@ class TestPsiTriggerKernel:
             trigger.close()
 
 
-@pytest.mark.kernel
 class TestProcessBudget:
     """ProcessBudget reads this process's RSS from /proc/self/statm."""
 

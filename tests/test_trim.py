@@ -19,7 +19,8 @@ from pyshrinker.aio import AsyncShrinker
 from pyshrinker.trim import TRIM_AFTER_BYTES, HeapTrimmer, after_reclaim, trim_stats
 
 from .footprint_worker import run_in_fresh_process as run_worker
-from .helpers import private_controller, run_in_group
+from .helpers import private_controller
+from .v2_helpers import run_in_group
 
 MiB = 1 << 20
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "footprint_worker.py")
@@ -276,7 +277,8 @@ class TestUnderAMemoryLimit:
         """
         group = v1_group(128 * MiB)
         argv = [sys.executable, WORKER, "fill-chunk-cache", "--mib", "2048"]
-        returncode, out, err = run_in_group(group, argv)
+        done = run_in_group(group, argv, timeout=240)
+        returncode, out, err = done.returncode, done.stdout, done.stderr
         assert group.read_keyed("memory.oom_control")["oom_kill"] == 0, err[-2000:]
         assert returncode == 0, err[-2000:]
         found = json.loads(out.strip().splitlines()[-1])

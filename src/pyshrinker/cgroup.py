@@ -12,6 +12,14 @@ How the kernel lays this out:
   ``memory.stat``. "No limit" reads as a huge number (PAGE_COUNTER_MAX pages), in v2 as ``max``.
 * ``usage`` includes page cache, which the kernel can drop. The working set (usage minus inactive
   file pages) is what container tools report and what a shrinker should steer by.
+* cgroup v2 (Documentation/admin-guide/cgroup-v2.rst): every non-root group has ``memory.max``
+  (hard limit: reclaim, then the OOM killer) and ``memory.high`` (throttle and reclaim, never
+  the OOM killer), each ``max`` when unset; a limit on any ancestor binds its descendants too.
+  The root group has neither, nor ``memory.current``. Inside a cgroup namespace the mount shows
+  the container's group as its root (``/proc/self/cgroup`` reads ``0::/``) and nothing above it.
+* Neither v1's ``memory.stat`` nor v2 says "no limit" loudly: a group with no limit anywhere up
+  its hierarchy (most processes on a host) is bounded only by the machine, so it is steered by
+  ``/proc/meminfo``'s MemAvailable (:class:`UnlimitedGroup`).
 
 .. versionadded:: 0.1.0
 """
@@ -25,7 +33,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
@@ -34,12 +42,16 @@ from pyshrinker.errors import (
     CgroupNotFound,
     CgroupPermissionError,
     MalformedFile,
+    UnsupportedError,
 )
 
 #: v1 reports "no limit" as PAGE_COUNTER_MAX pages; anything at or above this is unlimited.
 UNLIMITED_THRESHOLD = 2**62
 
 V1_MOUNT = "/sys/fs/cgroup/memory"
+#: Where the unified hierarchy is mounted on a machine that has only cgroup v2.
+V2_MOUNT = "/sys/fs/cgroup"
+MEMINFO = "/proc/meminfo"
 
 
 class CgroupVersion(enum.Enum):
@@ -81,11 +93,29 @@ class MemoryState:
     usage: int
     working_set: int
     limit: int | None
+    #: True when the limit is the whole machine's memory (no cgroup limit applies).
+    machine: bool = False
 
     @property
     def headroom(self) -> int | None:
         """Bytes left before the limit (by working set), or None without a limit."""
         return None if self.limit is None else self.limit - self.working_set
+
+
+@attrs.frozen
+class Limit:
+    """A memory limit and where it is set: ``file`` of the group at ``group``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    bytes: int
+    file: str
+    group: str
+
+    def describe(self) -> str:
+        """``"268435456 bytes, memory.max of /sys/fs/cgroup/app"``."""
+        return f"{self.bytes} bytes, {self.file} of {self.group}"
 
 
 def parse_proc_cgroup(text: str) -> list[ProcCgroupLine]:
@@ -292,6 +322,10 @@ class MemorySource:
         """Read usage, working set and limit now."""
         raise NotImplementedError
 
+    def describe_limit(self) -> str:
+        """One line saying where the limit comes from (read now), for ``pyshrinker status``."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Close every kept-open file; safe to call twice."""
         for kept in self._files.values():
@@ -335,6 +369,12 @@ class CgroupV1(MemorySource):
         limit = None if limit_raw >= UNLIMITED_THRESHOLD else limit_raw
         return MemoryState(usage=usage, working_set=max(0, usage - inactive), limit=limit)
 
+    def describe_limit(self) -> str:
+        limit = self.read().limit
+        if limit is None:
+            return f"no limit on v1 group {self.path} or any ancestor"
+        return f"{limit} bytes, hierarchical_memory_limit of {self.path} (its own or an ancestor's)"
+
     def max_usage(self) -> int:
         """``memory.max_usage_in_bytes``: the peak usage since creation or reset."""
         return self._file("memory.max_usage_in_bytes").read_int()
@@ -346,52 +386,77 @@ class CgroupV1(MemorySource):
 
 @attrs.define(eq=False)
 class CgroupV2(MemorySource):
-    """A cgroup v2 group with the memory controller enabled."""
+    """A cgroup v2 group with the memory controller enabled.
+
+    Every ``memory.max`` and ``memory.high`` of the group and its ancestors (up to the root, or
+    to the root a cgroup namespace shows) is a wall. An ancestor's usage counts its other
+    children too, so the wall that binds is the one with the least room left: a reading gives
+    that group's usage, working set and limit. Every file is kept open.
+    """
+
+    #: The group and the ancestors that have limit files, nearest first.
+    ancestry: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, path: str) -> CgroupV2:
         """Open the v2 group at ``path``; raises CgroupNotFound without ``memory.current``."""
-        source = cls(CgroupVersion.V2, path)
+        ancestry = [path]
+        while True:
+            parent = os.path.dirname(ancestry[-1])
+            # The root group has no memory.max, nor has anything above the mount.
+            if parent == ancestry[-1] or not os.path.exists(os.path.join(parent, "memory.max")):
+                break
+            ancestry.append(parent)
+        source = cls(CgroupVersion.V2, path, ancestry=tuple(ancestry))
         source._file("memory.current")
         return source
 
-    def _limit_of(self, directory: str) -> int | None:
-        limits = []
+    def _kept(self, directory: str, name: str) -> KernelFile:
+        # An ancestor's file is kept under a name relative to the group ("../memory.max").
+        return self._file(os.path.relpath(os.path.join(directory, name), self.path))
+
+    def _own_limit(self, directory: str) -> Limit | None:
+        found = None
         for name in ("memory.max", "memory.high"):
-            path = os.path.join(directory, name)
-            if directory == self.path:
-                text = self._file(name).read_text()
+            kept = self._kept(directory, name)
+            value = parse_limit(kept.read_text(), kept.path)
+            if value is not None and (found is None or value < found.bytes):
+                found = Limit(value, name, directory)
+        return found
+
+    def _usage_of(self, directory: str) -> tuple[int, int]:
+        usage = self._kept(directory, "memory.current").read_int()
+        inactive = self._kept(directory, "memory.stat").read_keyed().get("inactive_file", 0)
+        return usage, max(0, usage - inactive)
+
+    def limits(self) -> list[Limit]:
+        """Each group's lower of memory.max and memory.high, where set, nearest group first."""
+        found = (self._own_limit(directory) for directory in self.ancestry)
+        return [limit for limit in found if limit is not None]
+
+    def binding(self) -> tuple[Limit | None, MemoryState]:
+        """The limit with the least room left now, and the reading of the group that sets it."""
+        usage, working_set = self._usage_of(self.path)
+        best: tuple[Limit | None, MemoryState] = (None, MemoryState(usage, working_set, None))
+        for limit in self.limits():
+            if limit.group == self.path:
+                state = MemoryState(usage, working_set, limit.bytes)
             else:
-                try:
-                    with open(path, encoding="ascii") as f:
-                        text = f.read()
-                except FileNotFoundError:
-                    continue
-                except OSError as err:
-                    raise _translate(err, path) from err
-            value = parse_limit(text, path)
-            if value is not None:
-                limits.append(value)
-        return min(limits) if limits else None
+                state = MemoryState(*self._usage_of(limit.group), limit.bytes)
+            if best[0] is None or (state.headroom or 0) < (best[1].headroom or 0):
+                best = (limit, state)
+        return best
 
     def read(self) -> MemoryState:
-        usage = self._file("memory.current").read_int()
-        stat = self._file("memory.stat").read_keyed()
-        inactive = stat.get("inactive_file", 0)
-        # memory.high throttles and memory.max kills; either is a wall to stay under, and an
-        # ancestor's wall counts too.
-        limits = []
-        directory = self.path
-        while True:
-            own = self._limit_of(directory)
-            if own is not None:
-                limits.append(own)
-            parent = os.path.dirname(directory)
-            if parent == directory or not os.path.exists(os.path.join(parent, "memory.max")):
-                break
-            directory = parent
-        limit = min(limits) if limits else None
-        return MemoryState(usage=usage, working_set=max(0, usage - inactive), limit=limit)
+        return self.binding()[1]
+
+    def describe_limit(self) -> str:
+        limit, state = self.binding()
+        if limit is None:
+            return f"no memory.max or memory.high on v2 group {self.path} or any ancestor"
+        words = f"{limit.describe()} (working set there {state.working_set} bytes)"
+        others = [each.describe() for each in self.limits() if each != limit]
+        return words + (f"; also {', '.join(others)}" if others else "")
 
     def events(self) -> dict[str, int]:
         """``memory.events`` counters (low, high, max, oom, oom_kill)."""
@@ -416,12 +481,18 @@ def parse_meminfo(text: str) -> dict[str, int]:
 
 @attrs.define(eq=False)
 class HostMemory(MemorySource):
-    """The whole machine, from ``/proc/meminfo``: the limit is the RAM there is."""
+    """The whole machine, from ``/proc/meminfo``: the limit is the RAM there is.
+
+    The working set is what is not available (MemTotal - MemAvailable): MemAvailable counts free
+    memory and the page cache and slab the kernel can reclaim, less its own reserves. With little
+    page cache it can be below MemFree, so usage (MemTotal - MemFree) is never reported below
+    the working set.
+    """
 
     @classmethod
-    def open(cls, path: str = "/proc/meminfo") -> HostMemory:
+    def open(cls, path: str = MEMINFO) -> HostMemory:
         """Open ``/proc/meminfo`` (or a fixture file)."""
-        source = cls(CgroupVersion.HOST, os.path.dirname(path))
+        source = cls(CgroupVersion.HOST, path)
         source._files["meminfo"] = KernelFile.open(path)
         return source
 
@@ -431,17 +502,57 @@ class HostMemory(MemorySource):
             total, free, available = info["MemTotal"], info["MemFree"], info["MemAvailable"]
         except KeyError as missing:
             raise MalformedFile(f"/proc/meminfo lacks {missing}") from None
-        return MemoryState(usage=total - free, working_set=total - available, limit=total)
+        working_set = max(0, total - available)
+        return MemoryState(
+            usage=max(total - free, working_set), working_set=working_set, limit=total, machine=True
+        )
+
+    def describe_limit(self) -> str:
+        return f"{self.read().limit} bytes, MemTotal of {self.path} (steering by MemAvailable)"
+
+
+@attrs.define(eq=False)
+class UnlimitedGroup(MemorySource):
+    """A memory cgroup with no limit on it or any ancestor: steered by the machine's memory.
+
+    Most processes on a host are in such a group (the v1 root, a systemd slice without
+    MemoryMax=), and nothing bounds them but the RAM there is. Readings are the host's until a
+    limit appears on the group or an ancestor; from then on they are the group's.
+
+    .. versionadded:: 0.1.0
+    """
+
+    group: CgroupV1 | CgroupV2 = attrs.field(kw_only=True)
+    host: HostMemory = attrs.field(kw_only=True)
+
+    @classmethod
+    def wrap(cls, group: CgroupV1 | CgroupV2, meminfo: str = MEMINFO) -> UnlimitedGroup:
+        """Steer ``group`` (which has no limit now) by ``meminfo``."""
+        return cls(CgroupVersion.HOST, meminfo, group=group, host=HostMemory.open(meminfo))
+
+    def read(self) -> MemoryState:
+        own = self.group.read()
+        return own if own.limit is not None else self.host.read()
+
+    def describe_limit(self) -> str:
+        if self.group.read().limit is not None:
+            return self.group.describe_limit()
+        return f"{self.group.describe_limit()}, so the machine's: {self.host.describe_limit()}"
+
+    def close(self) -> None:
+        self.group.close()
+        self.host.close()
 
 
 def memory_source_of(
     pid: int | str = "self", proc: str = "/proc"
 ) -> CgroupV1 | CgroupV2 | HostMemory:
-    """Open the memory accounting that limits process ``pid``.
+    """Open the memory cgroup process ``pid`` is in.
 
     The v1 memory group if the memory controller is bound to v1, else the v2 group if it has
-    the memory controller, else the host. Raises :class:`CgroupError` subclasses when the
-    /proc files are missing or malformed.
+    the memory controller, else the host (no memory cgroup, or the v2 root, which has no
+    ``memory.current``). Raises :class:`CgroupError` subclasses when the /proc files are missing
+    or malformed. :func:`steering_source_of` is what a controller steers by.
     """
     base = os.path.join(proc, str(pid))
     texts = []
@@ -495,6 +606,62 @@ class Membership:
         self._kept.close()
 
 
+def with_host_fallback(
+    source: CgroupV1 | CgroupV2 | HostMemory, meminfo: str = MEMINFO
+) -> CgroupV1 | CgroupV2 | HostMemory | UnlimitedGroup:
+    """``source``, or the machine's memory in its place when no cgroup limit applies to it."""
+    if isinstance(source, HostMemory):
+        return source
+    try:
+        unlimited = source.read().limit is None
+        return UnlimitedGroup.wrap(source, meminfo) if unlimited else source
+    except BaseException:
+        source.close()
+        raise
+
+
+def steering_source_of(
+    pid: int | str = "self", proc: str = "/proc"
+) -> CgroupV1 | CgroupV2 | HostMemory | UnlimitedGroup:
+    """The memory that bounds process ``pid``: its cgroup if a limit applies, else the machine."""
+    return with_host_fallback(memory_source_of(pid, proc), os.path.join(proc, "meminfo"))
+
+
+def open_group(path: str) -> CgroupV1 | CgroupV2:
+    """Open the memory cgroup directory ``path``, v1 or v2 by the files it has."""
+    if os.path.exists(os.path.join(path, "memory.usage_in_bytes")):
+        return CgroupV1.open(path)
+    if os.path.exists(os.path.join(path, "memory.current")):
+        return CgroupV2.open(path)
+    raise CgroupNotFound(errno.ENOENT, f"{path} is not a memory cgroup (v1 or v2)")
+
+
+def v2_mount(proc: str = "/proc") -> str | None:
+    """Where this process sees the cgroup v2 hierarchy mounted, if anywhere."""
+    try:
+        with open(os.path.join(proc, "self", "mountinfo"), encoding="utf-8") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError:
+        return None
+    return next((m.mount_point for m in mounts if m.fs_type == "cgroup2"), None)
+
+
+def v2_memory_available(mount: str | None = None) -> bool:
+    """Whether this process may create v2 groups with a memory limit under ``mount``.
+
+    ``mount`` defaults to where cgroup2 is mounted; the memory controller must be enabled for
+    its children (``+memory`` in its ``cgroup.subtree_control``).
+    """
+    mount = mount or v2_mount()
+    if mount is None or not os.access(mount, os.W_OK):
+        return False
+    try:
+        with open(os.path.join(mount, "cgroup.subtree_control"), encoding="ascii") as f:
+            return "memory" in f.read().split()
+    except OSError:
+        return False
+
+
 def v2_group_of(pid: int | str = "self", proc: str = "/proc") -> str | None:
     """The directory of the process's cgroup v2 group (for ``memory.pressure``), if mounted."""
     base = os.path.join(proc, str(pid))
@@ -514,31 +681,19 @@ def v2_group_of(pid: int | str = "self", proc: str = "/proc") -> str | None:
 
 
 @attrs.define(eq=False)
-class ManagedCgroupV1:
-    """A v1 memory group this process created, with a limit; removed by :meth:`remove`.
+class ManagedCgroup:
+    """A memory group this process created; removed by :meth:`remove`.
 
     For tests, the demo and ``pyshrinker run``: it never touches groups it did not create.
+    :class:`ManagedCgroupV1` and :class:`ManagedCgroupV2` say how a limit is set and read back.
     """
 
     path: str
-    limit: int
+    limit: int | None
     _removed: bool = attrs.field(default=False, alias="removed")
 
-    @classmethod
-    def create(cls, name: str, limit: int, parent: str = V1_MOUNT) -> ManagedCgroupV1:
-        """Create ``parent/name`` with ``memory.limit_in_bytes = limit``."""
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
-        path = os.path.join(parent, name)
-        with translated_errors(path):
-            os.mkdir(path)
-        group = cls(path, limit)
-        try:
-            group.write("memory.limit_in_bytes", str(limit))
-        except BaseException:
-            group.remove()
-            raise
-        return group
+    #: Which hierarchy the group is in.
+    version: ClassVar[CgroupVersion] = CgroupVersion.V1
 
     def write(self, name: str, value: str) -> None:
         """Write ``value`` to one of the group's files."""
@@ -557,6 +712,18 @@ class ManagedCgroupV1:
         path = os.path.join(self.path, name)
         with translated_errors(path), open(path, encoding="ascii") as f:
             return int(f.read().strip())
+
+    def peak(self) -> int:
+        """The group's peak memory usage since it was created."""
+        raise NotImplementedError
+
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer ended in the group."""
+        raise NotImplementedError
+
+    def open_source(self) -> CgroupV1 | CgroupV2:
+        """The group as a :class:`MemorySource` (kept-open files; close it)."""
+        raise NotImplementedError
 
     def add_process(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into the group."""
@@ -600,11 +767,101 @@ class ManagedCgroupV1:
                 time.sleep(0.01)
         self._removed = True
 
-    def __enter__(self) -> ManagedCgroupV1:
+    def __enter__(self: _M) -> _M:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+_M = TypeVar("_M", bound=ManagedCgroup)
+
+
+def _make_group(cls: type[_M], path: str, limit: int | None, settings: dict[str, str]) -> _M:
+    with translated_errors(path):
+        os.mkdir(path)
+    group = cls(path, limit)
+    try:
+        for name, value in settings.items():
+            group.write(name, value)
+    except BaseException:
+        group.remove()
+        raise
+    return group
+
+
+@attrs.define(eq=False)
+class ManagedCgroupV1(ManagedCgroup):
+    """A v1 memory group this process created, with ``memory.limit_in_bytes``."""
+
+    @classmethod
+    def create(cls, name: str, limit: int, parent: str = V1_MOUNT) -> ManagedCgroupV1:
+        """Create ``parent/name`` with ``memory.limit_in_bytes = limit``."""
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        return _make_group(
+            cls, os.path.join(parent, name), limit, {"memory.limit_in_bytes": str(limit)}
+        )
+
+    def peak(self) -> int:
+        return self.read_int("memory.max_usage_in_bytes")
+
+    def oom_kills(self) -> int:
+        return self.read_keyed("memory.oom_control").get("oom_kill", 0)
+
+    def open_source(self) -> CgroupV1:
+        return CgroupV1.open(self.path)
+
+
+@attrs.define(eq=False)
+class ManagedCgroupV2(ManagedCgroup):
+    """A cgroup v2 group this process created, with ``memory.max`` (and ``memory.high``).
+
+    ``limit`` None leaves ``memory.max`` unset (``max``): the group is bounded by its parent.
+    """
+
+    version: ClassVar[CgroupVersion] = CgroupVersion.V2
+
+    @classmethod
+    def create(
+        cls, name: str, limit: int | None, parent: str | None = None, high: int | None = None
+    ) -> ManagedCgroupV2:
+        """Create ``parent/name`` (parent: the cgroup2 mount) with ``memory.max = limit``."""
+        for what, value in (("limit", limit), ("high", high)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{what} must be positive, got {value}")
+        parent = parent or v2_mount() or V2_MOUNT
+        settings = {"memory.max": str(limit)} if limit is not None else {}
+        if high is not None:
+            settings["memory.high"] = str(high)
+        path = os.path.join(parent, name)
+        group = _make_group(cls, path, limit, settings)
+        if not os.path.exists(os.path.join(path, "memory.current")):
+            group.remove()
+            raise UnsupportedError(
+                errno.EOPNOTSUPP,
+                f"the memory controller is not enabled for the children of {parent} "
+                f"(echo +memory > {parent}/cgroup.subtree_control)",
+            )
+        return group
+
+    def peak(self) -> int:
+        return self.read_int("memory.peak")
+
+    def oom_kills(self) -> int:
+        return self.read_keyed("memory.events").get("oom_kill", 0)
+
+    def open_source(self) -> CgroupV2:
+        return CgroupV2.open(self.path)
+
+
+def managed_cgroup_class() -> type[ManagedCgroupV1] | type[ManagedCgroupV2] | None:
+    """Which kind of memory group this process may create here: v1 first, else v2, else None."""
+    if v1_memory_available():
+        return ManagedCgroupV1
+    if v2_memory_available():
+        return ManagedCgroupV2
+    return None
 
 
 def v1_memory_available(mount: str = V1_MOUNT) -> bool:
@@ -620,16 +877,26 @@ __all__ = [
     "CgroupVersion",
     "HostMemory",
     "KernelFile",
+    "Limit",
+    "ManagedCgroup",
     "ManagedCgroupV1",
+    "ManagedCgroupV2",
     "MemorySource",
     "MemoryState",
+    "UnlimitedGroup",
     "locate_memory_cgroup",
+    "managed_cgroup_class",
     "memory_source_of",
+    "open_group",
     "parse_flat_keyed",
     "parse_limit",
     "parse_meminfo",
     "parse_mountinfo",
     "parse_proc_cgroup",
+    "steering_source_of",
     "v1_memory_available",
     "v2_group_of",
+    "v2_memory_available",
+    "v2_mount",
+    "with_host_fallback",
 ]

@@ -7,9 +7,10 @@
     A live view: a line per interval with usage against the limit, and pressure levels and
     shrink requests as they happen, from a controller embedded in the command.
 ``pyshrinker run --memory SIZE [--json] [-o FILE] -- CMD ...``
-    Runs CMD in a fresh cgroup v1 memory group limited to SIZE (created and removed by the
-    command), forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, and reports its peak memory,
-    OOM kills and exit status on stderr. Exits with CMD's status (128 + signal if killed).
+    Runs CMD in a fresh memory group limited to SIZE (cgroup v1 where the memory controller is
+    bound to v1, else cgroup v2's ``memory.max``; created and removed by the command), forwards
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, and reports its peak memory, OOM kills and exit
+    status on stderr. Exits with CMD's status (128 + signal if killed).
 ``pyshrinker demo [--memory 256M] [--total 8G] [--plot FILE.png] [--json]``
     The two-thread allocator in a limited cgroup, with pyshrinker and then without.
 ``pyshrinker daemon ...``
@@ -23,11 +24,14 @@ with its command's status. Errors are one line on stderr.
     {
       "schema": 1,
       "pid": 1234,
-      "memory": {"version": "v1" | "v2" | "host" | "budget", "path": "/sys/fs/cgroup/..."},
+      "memory": {"version": "v1" | "v2" | "host" | "budget", "path": "/sys/fs/cgroup/...",
+                 "cgroup": "/sys/fs/cgroup/..." | null,
+                 "limit_from": "268435456 bytes, memory.max of /sys/fs/cgroup/app ..."},
       "limit": 268435456 | null,
       "usage": 12345678,
       "working_set": 12000000,
       "headroom": 256435456 | null,
+      "watermarks": {"high": 234881024, "low": 201326592} | null,
       "psi": {
         "system": {"path": "/proc/pressure/memory",
                    "some": {"avg10": 0.0, "avg60": 0.0, "avg300": 0.0, "total_us": 12},
@@ -37,6 +41,9 @@ with its command's status. Errors are one line on stderr.
       "signals": ["memory: v1 /sys/fs/cgroup/memory/...", "..."],
       "unavailable": {"psi": "cgroup v1 usage thresholds and levels are used instead"}
     }
+
+``memory.cgroup`` is the memory cgroup the process is in (null where there is none);
+``memory.limit_from`` says where the limit comes from, or why the machine's memory is used.
 
 ``run --json`` reports one JSON object (schema 1) instead of the human line::
 
@@ -78,22 +85,26 @@ from pyshrinker.abi import Level
 from pyshrinker.cgroup import (
     V1_MOUNT,
     CgroupVersion,
-    ManagedCgroupV1,
-    memory_source_of,
-    v1_memory_available,
+    HostMemory,
+    ManagedCgroup,
+    MemorySource,
+    UnlimitedGroup,
+    managed_cgroup_class,
+    steering_source_of,
     v2_group_of,
+    v2_mount,
 )
 from pyshrinker.client import subscribe_levels
 from pyshrinker.controller import Controller, ShrinkRequest, parse_size
 from pyshrinker.errors import PyshrinkerError, UnsupportedError
-from pyshrinker.policy import Watermarks, usage_thresholds
+from pyshrinker.policy import Watermarks, usage_thresholds, watermarks
 from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiLine, PsiStats, read_psi
 from pyshrinker.transport import EmbeddedTransport
 
 #: Version of the ``status --json`` and ``run --json`` objects; bumped on incompatible change.
 JSON_SCHEMA = 1
 
-#: Prefix of the groups ``pyshrinker run`` creates under the v1 memory mount.
+#: Prefix of the groups ``pyshrinker run`` creates under the v1 memory mount (or cgroup2's).
 RUN_GROUP_PREFIX = "pyshrinker-run-"
 
 #: Signals ``pyshrinker run`` passes on to its command.
@@ -176,6 +187,14 @@ def _planned_signals(controller: Controller, limit: int | None) -> list[str]:
     return kept[:1] + planned + kept[1:]
 
 
+def _cgroup_of(memory: MemorySource) -> str | None:
+    if isinstance(memory, UnlimitedGroup):
+        return memory.group.path
+    if isinstance(memory, HostMemory) or memory.version is CgroupVersion.BUDGET:
+        return None
+    return memory.path
+
+
 def collect_status() -> dict[str, Any]:
     """The ``status --json`` object for this process."""
     controller = Controller.for_current_process()
@@ -187,6 +206,11 @@ def collect_status() -> dict[str, Any]:
         signals = _planned_signals(controller, state.limit)
         unavailable = dict(controller.unavailable)
         version, path = memory.version.value, memory.path
+        limit_from = memory.describe_limit()
+        cgroup = _cgroup_of(memory)
+        marks = None
+        if state.limit is not None:
+            marks = watermarks(state.limit, state.machine, controller.config.headroom)
     finally:
         controller.close()
     group = v2_group_of()
@@ -194,11 +218,12 @@ def collect_status() -> dict[str, Any]:
     return {
         "schema": JSON_SCHEMA,
         "pid": os.getpid(),
-        "memory": {"version": version, "path": path},
+        "memory": {"version": version, "path": path, "cgroup": cgroup, "limit_from": limit_from},
         "limit": state.limit,
         "usage": state.usage,
         "working_set": state.working_set,
         "headroom": state.headroom,
+        "watermarks": {"high": marks.high, "low": marks.low} if marks is not None else None,
         "psi": {"system": _psi_entry(SYSTEM_MEMORY_PRESSURE), "cgroup": cgroup_psi},
         "signals": signals,
         "unavailable": unavailable,
@@ -222,9 +247,23 @@ def _psi_text(entry: dict[str, Any] | None) -> str:
 _VERSION_WORDS = {
     "v1": "cgroup v1",
     "v2": "cgroup v2",
-    "host": "the whole machine (no memory cgroup)",
+    "host": "the whole machine (MemAvailable)",
     "budget": "process budget",
 }
+
+
+def _marks_text(status: dict[str, Any]) -> str:
+    marks = status["watermarks"]
+    if marks is None:
+        return "none (no limit: nothing to steer by)"
+    text = f"reclaim from {fmt(marks['high'])} of working set down to {fmt(marks['low'])}"
+    if status["memory"]["version"] == "host":
+        limit = status["limit"]
+        text += (
+            f"  (MemAvailable under {fmt(limit - marks['high'])}, "
+            f"up to {fmt(limit - marks['low'])})"
+        )
+    return text
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -238,10 +277,13 @@ def format_status(status: dict[str, Any]) -> str:
     memory = status["memory"]
     rows = [
         ("memory source", f"{_VERSION_WORDS[memory['version']]}  {memory['path']}"),
+        ("cgroup", memory["cgroup"] or "none"),
         ("limit", fmt(limit) if limit is not None else "none"),
+        ("limit from", memory["limit_from"]),
         ("usage", fmt(usage) + share(usage)),
         ("working set", f"{fmt(working_set)}{share(working_set)}  (usage minus inactive files)"),
         ("headroom", fmt(status["headroom"]) if status["headroom"] is not None else "-"),
+        ("watermarks", _marks_text(status)),
         ("PSI system", _psi_text(status["psi"]["system"])),
         ("PSI cgroup v2", _psi_text(status["psi"]["cgroup"])),
     ]
@@ -337,7 +379,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         subscription = subscribe_levels(
             events.put, Level.LOW, transport=EmbeddedTransport(controller)
         )
-        reader = memory_source_of()
+        reader = steering_source_of()
         where = f"{_VERSION_WORDS[reader.version.value]} {reader.path}"
         print(f"watching {where}; Ctrl-C to stop", file=out, flush=True)
         updates = 0
@@ -395,7 +437,7 @@ def _resolve(command: str) -> str | None:
     return None
 
 
-def _wait_forwarding(group: ManagedCgroupV1, command: list[str]) -> tuple[int, float]:
+def _wait_forwarding(group: ManagedCgroup, command: list[str]) -> tuple[int, float]:
     """Start ``command`` in ``group``; pass on signals until it exits; (returncode, seconds).
 
     Signals are blocked and taken with ``sigtimedwait``, which tells who sent them: one the
@@ -441,7 +483,7 @@ def _wait_forwarding(group: ManagedCgroupV1, command: list[str]) -> tuple[int, f
             signal.signal(sig, handler)
 
 
-def _kill_leftovers(group: ManagedCgroupV1) -> int:
+def _kill_leftovers(group: ManagedCgroup) -> int:
     """SIGKILL what the command left running in the group; wait until it is empty."""
     killed: set[int] = set()
     deadline = time.monotonic() + 5.0
@@ -495,18 +537,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pyshrinker run: error: {problem}", file=sys.stderr)
         return 127 if "not found" in problem or "no such" in problem else 126
-    if not v1_memory_available():
+    kind = managed_cgroup_class()
+    if kind is None:
+        v2 = v2_mount() or "/sys/fs/cgroup"
         raise UnsupportedError(
-            f"cannot create a memory cgroup: needs root and the cgroup v1 memory controller "
-            f"mounted at {V1_MOUNT}"
+            f"cannot create a memory cgroup: needs root and either the cgroup v1 memory "
+            f"controller mounted at {V1_MOUNT} or cgroup v2 with the memory controller enabled "
+            f"for children of {v2} (+memory in {v2}/cgroup.subtree_control)"
         )
     name = f"{RUN_GROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    group = ManagedCgroupV1.create(name, args.memory)
+    group = kind.create(name, args.memory)
     emptied = False
     try:
         returncode, seconds = _wait_forwarding(group, command)
-        peak = group.read_int("memory.max_usage_in_bytes")
-        oom_kill = group.read_keyed("memory.oom_control").get("oom_kill", 0)
+        peak = group.peak()
+        oom_kill = group.oom_kills()
         leftovers = _kill_leftovers(group)
         emptied = True
     finally:
@@ -638,7 +683,7 @@ def build_parser(load_daemon: bool = False) -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print one JSON object (keys: schema, pid, memory, limit, usage, working_set, "
-        "headroom, psi, signals, unavailable; sizes in bytes, null when none)",
+        "headroom, watermarks, psi, signals, unavailable; sizes in bytes, null when none)",
     )
 
     watch = add(
@@ -663,11 +708,14 @@ def build_parser(load_daemon: bool = False) -> argparse.ArgumentParser:
     run = add(
         "run",
         "run a command in a fresh memory-limited cgroup and report its peak and OOM kills",
-        "Run CMD in a new cgroup v1 memory group limited to SIZE (created and removed by this\n"
-        "command; needs root). SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to CMD;\n"
-        "processes CMD leaves behind in the group are killed when it exits. At the end, the\n"
-        "group's peak memory (memory.max_usage_in_bytes), OOM kills (oom_kill of\n"
-        "memory.oom_control) and CMD's exit status are reported on stderr.\n\n"
+        "Run CMD in a new memory group limited to SIZE (created and removed by this command;\n"
+        "needs root): a cgroup v1 group where the memory controller is bound to v1, else a\n"
+        "cgroup v2 group with memory.max (the memory controller must be enabled in the\n"
+        "cgroup2 root's cgroup.subtree_control). SIGINT, SIGTERM, SIGHUP and SIGQUIT are\n"
+        "passed on to CMD; processes CMD leaves behind in the group are killed when it exits.\n"
+        "At the end, the group's peak memory (v1 memory.max_usage_in_bytes, v2 memory.peak),\n"
+        "OOM kills (oom_kill of v1 memory.oom_control, v2 memory.events) and CMD's exit\n"
+        "status are reported on stderr.\n\n"
         "Exit status: CMD's, or 128 + N if a signal N killed it (137 for an OOM kill);\n"
         "127 if CMD is not found, 126 if it is not executable, 1 if no group can be created.",
         cmd_run,
@@ -694,11 +742,12 @@ def build_parser(load_daemon: bool = False) -> argparse.ArgumentParser:
     demo_parser = add(
         "demo",
         "the two-thread allocator in a limited cgroup, with pyshrinker and without",
-        "Run the mempressure proposal's two-thread allocator in a memory-limited cgroup v1\n"
-        "group, first with pyshrinker (it must finish, never OOM-killed, under the limit),\n"
-        "then with --no-shrinker (the OOM killer ends it). A progress line while each runs,\n"
-        "a summary at the end. Exit status 0 when both behave so. Where no group can be\n"
-        "created (not root, no v1 memory controller), one run under a process budget instead.",
+        "Run the mempressure proposal's two-thread allocator in a memory-limited cgroup (v1,\n"
+        "or v2 where that is what the machine has), first with pyshrinker (it must finish,\n"
+        "never OOM-killed, under the limit), then with --no-shrinker (the OOM killer ends\n"
+        "it). A progress line while each runs, a summary at the end. Exit status 0 when both\n"
+        "behave so. Where no group can be created (not root, no memory controller to use),\n"
+        "one run under a process budget instead.",
         cmd_demo,
     )
     demo.add_arguments(demo_parser)

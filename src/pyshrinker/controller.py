@@ -50,13 +50,20 @@ from pyshrinker.cgroup import (
     Membership,
     MemorySource,
     MemoryState,
-    memory_source_of,
+    UnlimitedGroup,
+    steering_source_of,
     v2_group_of,
 )
 from pyshrinker.errors import AbiError, CgroupError, CgroupNotFound, ClosedError, PyshrinkerError
 from pyshrinker.signals import Notifier
 from pyshrinker.signals.budget import ProcessBudget
-from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiTrigger, StallKind
+from pyshrinker.signals.psi import (
+    PSI_STALL_US,
+    PSI_WINDOW_US,
+    SYSTEM_MEMORY_PRESSURE,
+    PsiTrigger,
+    StallKind,
+)
 from pyshrinker.signals.systemd import SystemdPressureWatch
 from pyshrinker.signals.v1 import OomNotifier, PressureLevel, UsageThreshold, V1Level
 from pyshrinker.signals.v2 import MemoryEventsWatcher
@@ -236,21 +243,24 @@ class Controller:
         """Pick the memory source and signals this process can use, best first.
 
         cgroup v1 with a limit: usage threshold at the high watermark (plus pressure levels and
-        OOM notification). cgroup v2 with a limit: adaptive reads of memory.current, memory.events
-        and a PSI trigger on the group. No limit: the process ``budget`` if given (RSS read
-        adaptively), else the host's memory with a system PSI trigger.
+        OOM notification). cgroup v2 with a limit (memory.max or memory.high, here or on an
+        ancestor): adaptive reads of memory.current, memory.events and a PSI trigger on the
+        group. No limit anywhere up the hierarchy: the process ``budget`` if given (RSS read
+        adaptively), else the machine's MemAvailable with its own watermarks.
         """
         config = config or ControllerConfig()
         unavailable: dict[str, str] = {}
         memory: MemorySource
         try:
-            memory = memory_source_of()
+            memory = steering_source_of()
         except CgroupError as err:
             unavailable["cgroup"] = str(err)
             memory = HostMemory.open()
+        if isinstance(memory, UnlimitedGroup):
+            unavailable["cgroup limit"] = memory.group.describe_limit()
         if budget is not None:
             state = memory.read()
-            if state.limit is None or isinstance(memory, HostMemory):
+            if state.limit is None or state.machine:
                 memory.close()
                 memory = ProcessBudget.open(budget)
             else:
@@ -286,24 +296,52 @@ class Controller:
             self.unavailable["psi"] = "cgroup v1 usage thresholds and levels are used instead"
             return
         if isinstance(memory, CgroupV2):
-            try:
-                self._notifiers.append(MemoryEventsWatcher.open(memory.path))
-            except (CgroupError, OSError) as err:
-                self.unavailable["v2 memory.events"] = str(err)
-            psi_path = os.path.join(memory.path, "memory.pressure")
+            self._arm_memory_events(memory)
+        watched = memory.group if isinstance(memory, UnlimitedGroup) else memory
+        if isinstance(watched, CgroupV2):
+            psi_path = os.path.join(watched.path, "memory.pressure")
         else:
             group = v2_group_of()
             own = os.path.join(group, "memory.pressure") if group else None
             psi_path = own if own and os.path.exists(own) else SYSTEM_MEMORY_PRESSURE
-        try:
-            self._notifiers.append(
-                PsiTrigger.arm(psi_path, StallKind.SOME, stall_us=150_000, window_us=2_000_000)
-            )
-        except (CgroupError, OSError, ValueError) as err:
-            self.unavailable["psi"] = str(err)
+        self._arm_psi(psi_path)
         self.unavailable.setdefault(
             "usage thresholds", "no usage notification outside cgroup v1: read adaptively"
         )
+
+    def _arm_memory_events(self, memory: CgroupV2) -> None:
+        # The group's own memory.events, and the local events of each ancestor whose limit
+        # binds it (an ancestor's hierarchical file also moves for our siblings).
+        groups = [memory.path]
+        try:
+            groups += [limit.group for limit in memory.limits() if limit.group not in groups]
+        except CgroupError as err:
+            self.unavailable["v2 ancestors' memory.events"] = str(err)
+        for group in groups:
+            try:
+                watcher = MemoryEventsWatcher.open(group, local=group != memory.path)
+            except (CgroupError, OSError) as err:
+                self.unavailable[f"v2 memory.events of {group}"] = str(err)
+            else:
+                self._notifiers.append(watcher)
+
+    def _arm_psi(self, path: str) -> None:
+        # Asked with the privileged 500 ms window; PsiTrigger widens it to 2 s steps where the
+        # kernel refuses that (no CAP_SYS_RESOURCE). Arming writes to the file: in a container
+        # with a read-only cgroupfs, or as a user who does not own the group, it cannot, and
+        # the whole machine's trigger is the next best.
+        for each in dict.fromkeys((path, SYSTEM_MEMORY_PRESSURE)):
+            try:
+                trigger = PsiTrigger.arm(each, StallKind.SOME, PSI_STALL_US, PSI_WINDOW_US)
+            except (CgroupError, OSError, ValueError) as err:
+                why = "needs a write, refused" if _is_write_refusal(err) else "failed"
+                self.unavailable[f"psi trigger on {each}"] = f"{why}: {err}"
+                continue
+            self._notifiers.append(trigger)
+            if each != path:
+                self.unavailable[f"psi trigger on {path}"] += f"; using {each} instead"
+            return
+        self.unavailable["psi"] = "no PSI trigger could be armed: usage reads lead alone"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -326,7 +364,12 @@ class Controller:
     def describe_signals(self) -> list[str]:
         """One line per signal source in use, the memory source first."""
         lines = []
-        if self.memory is not None:
+        if isinstance(self.memory, UnlimitedGroup):
+            lines.append(
+                f"memory: host {self.memory.path} (MemAvailable: no limit on "
+                f"{self.memory.group.version.value} group {self.memory.group.path})"
+            )
+        elif self.memory is not None:
             lines.append(f"memory: {self.memory.version.value} {self.memory.path}")
         lines.extend(t.describe() for t in self._thresholds)
         lines.extend(n.describe() for n in self._notifiers)
@@ -650,7 +693,7 @@ class Controller:
         if state.limit is None:
             self._marks = None
             return
-        marks = policy.Watermarks.for_limit(state.limit, self.config.headroom)
+        marks = policy.watermarks(state.limit, state.machine, self.config.headroom)
         if marks == self._marks:
             return
         self._marks = marks
@@ -660,10 +703,16 @@ class Controller:
             # high watermark starts an episode; one halfway to the limit wakes us at once if
             # memory keeps growing while a request is in flight.
             old = self._thresholds
-            self._thresholds = [
-                UsageThreshold.register(self.memory.path, at)
-                for at in policy.usage_thresholds(marks)
-            ]
+            self._thresholds = []
+            try:
+                for at in policy.usage_thresholds(marks):
+                    self._thresholds.append(UsageThreshold.register(self.memory.path, at))
+            except CgroupError as err:
+                # Registering writes cgroup.event_control: refused on a read-only cgroupfs.
+                for threshold in self._thresholds:
+                    threshold.close()
+                self._thresholds = []
+                self.unavailable["v1 usage thresholds"] = f"{err}: reading usage adaptively"
             # The controller thread waits on them in its epoll set; reporting threads check
             # their fds (_direct_check). New ones first, so there is no moment without.
             for threshold in self._thresholds:
@@ -866,7 +915,7 @@ class Controller:
         if old is not None:
             old.close()
         try:
-            memory = memory_source_of()
+            memory = steering_source_of()
             memory.read()
         except CgroupError as again:
             log.error("no memory cgroup to watch (%s): controller idle", again)
@@ -888,7 +937,14 @@ def _level_of(notifier: Notifier) -> Level:
         }[notifier.level]
     if isinstance(notifier, OomNotifier):
         return Level.OOM
+    if isinstance(notifier, MemoryEventsWatcher) and notifier.moved - {"high"}:
+        return Level.OOM  # memory.max reached (or the OOM killer ran): the last step
     return Level.MEDIUM
+
+
+def _is_write_refusal(err: BaseException) -> bool:
+    cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
+    return isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 _default: Controller | None = None

@@ -102,9 +102,15 @@ from pyshrinker.abi import (
     parse_event_control,
     parse_report,
 )
-from pyshrinker.cgroup import CgroupV1, CgroupV2, MemorySource
+from pyshrinker.cgroup import MemorySource, open_group, with_host_fallback
 from pyshrinker.controller import Controller, ControllerConfig, ShrinkerInfo, ShrinkRequest
-from pyshrinker.errors import AbiError, CgroupError, PyshrinkerError, UnsupportedError
+from pyshrinker.errors import (
+    AbiError,
+    CgroupError,
+    CgroupNotFound,
+    PyshrinkerError,
+    UnsupportedError,
+)
 from pyshrinker.transport import UNREGISTER_FIELD
 
 # Named explicitly: under ``python -m`` this module is __main__.
@@ -417,12 +423,12 @@ def _entries(episode: Episode) -> int:
 
 
 def open_memory(path: str) -> MemorySource:
-    """Open the cgroup at ``path`` as v1 (``memory.usage_in_bytes``) or v2 (``memory.current``)."""
-    if os.path.exists(os.path.join(path, "memory.usage_in_bytes")):
-        return CgroupV1.open(path)
-    if os.path.exists(os.path.join(path, "memory.current")):
-        return CgroupV2.open(path)
-    raise UnsupportedError(errno.ENOENT, f"{path} is not a memory cgroup (v1 or v2)")
+    """Open the cgroup at ``path``, v1 or v2; where no limit applies, the machine's memory."""
+    try:
+        group = open_group(path)
+    except CgroupNotFound as err:
+        raise UnsupportedError(errno.ENOENT, str(err)) from err
+    return with_host_fallback(group)
 
 
 def controller_for(cgroup: str | None, config: ControllerConfig | None = None) -> DaemonController:

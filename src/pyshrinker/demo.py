@@ -1,14 +1,14 @@
 """The demo: the two-thread allocator in a memory-limited cgroup, with pyshrinker and without.
 
-Each run creates a cgroup v1 memory group with the limit (256 MiB by default), starts
-``python -m pyshrinker.allocator --total 8G`` in it, samples the group's
-``memory.usage_in_bytes`` every 10 ms from this process while it runs, reads the allocator's
+Each run creates a memory group with the limit (256 MiB by default; cgroup v1 where the memory
+controller is bound to v1, else cgroup v2), starts ``python -m pyshrinker.allocator --total 8G``
+in it, samples the group's usage every 10 ms from this process while it runs, reads the allocator's
 trace (its shrink requests and progress), and removes the group. With pyshrinker the allocator
 must finish, never OOM-killed, its peak usage under the limit; with ``--no-shrinker`` the
 kernel's OOM killer ends it. ``--plot FILE.png`` draws both runs side by side (matplotlib,
 the ``plot`` extra).
 
-Where no group can be created (not root, no v1 memory controller) it runs the allocator once,
+Where no group can be created (not root, no memory controller to use) it runs the allocator once,
 under a process budget of the same size (``PYSHRINKER_BUDGET``), and says so.
 
 Used by ``pyshrinker demo`` and ``examples/demo.py``.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import errno
 import json
 import os
 import signal
@@ -34,12 +35,13 @@ from typing import Any, TextIO
 
 import attrs
 
-from pyshrinker.cgroup import CgroupV1, ManagedCgroupV1, v1_memory_available
+from pyshrinker.cgroup import CgroupVersion, ManagedCgroup, managed_cgroup_class
 from pyshrinker.controller import parse_size
-from pyshrinker.errors import PyshrinkerError
+from pyshrinker.errors import PyshrinkerError, UnsupportedError
 from pyshrinker.policy import Watermarks
 from pyshrinker.signals.budget import ProcessBudget
 from pyshrinker.signals.v1 import OomNotifier
+from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -191,6 +193,27 @@ class _TraceReader:
                 continue
 
 
+@attrs.define(eq=False)
+class _OomWatch:
+    """Tells, without blocking, whether the OOM killer acted in a group since the last look."""
+
+    notifier: OomNotifier | MemoryEventsWatcher
+
+    def happened(self) -> bool:
+        if isinstance(self.notifier, OomNotifier):
+            return self.notifier.consume()
+        return self.notifier.consume() and "oom_kill" in self.notifier.moved
+
+    def close(self) -> None:
+        self.notifier.close()
+
+
+def _oom_watch(group: ManagedCgroup) -> _OomWatch:
+    if group.version is CgroupVersion.V1:
+        return _OomWatch(OomNotifier.register(group.path))
+    return _OomWatch(MemoryEventsWatcher.open(group.path))
+
+
 def _allocator_argv(total: str, shrinker: bool, trace: str) -> list[str]:
     argv = [sys.executable, "-m", "pyshrinker.allocator", "--total", total, "--trace", trace]
     if not shrinker:
@@ -212,7 +235,7 @@ def _supervise(
     label: str,
     limit: int,
     progress: Callable[[Progress], None] | None,
-    oom: OomNotifier | None = None,
+    oom: Callable[[], bool] | None = None,
 ) -> _Supervised:
     """Sample usage every 10 ms until ``proc`` exits; note when ``oom`` fires."""
     samples: list[tuple[float, int]] = []
@@ -226,7 +249,7 @@ def _supervise(
             samples.append((now - start, read_usage()))
         except (PyshrinkerError, OSError):
             pass  # the process or group is going away; the exit check below tells
-        if oom is not None and oom_at is None and oom.consume():
+        if oom is not None and oom_at is None and oom():
             oom_at = now - start
         if proc.poll() is not None:
             return _Supervised(samples, now - start, oom_at)
@@ -259,28 +282,36 @@ def run_in_cgroup(
     shrinker: bool,
     progress: Callable[[Progress], None] | None = None,
 ) -> DemoRun:
-    """Run the allocator once in a fresh v1 group of ``limit`` bytes, sampling its usage."""
+    """Run the allocator once in a fresh group of ``limit`` bytes, sampling its usage.
+
+    The group is cgroup v1's where the memory controller is bound to v1, else cgroup v2's.
+    """
     label = "with pyshrinker" if shrinker else "without pyshrinker"
     name = f"pyshrinker-demo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    kind = managed_cgroup_class()
+    if kind is None:
+        raise UnsupportedError(errno.EPERM, "no memory cgroup can be created here")
     with (
         tempfile.TemporaryDirectory(prefix="pyshrinker-demo-") as tmp,
         open(os.path.join(tmp, "stdout"), "w+", encoding="utf-8") as out,
         open(os.path.join(tmp, "stderr"), "w+", encoding="utf-8") as err,
-        ManagedCgroupV1.create(name, limit) as group,
-        closing(CgroupV1.open(group.path)) as source,
-        closing(OomNotifier.register(group.path)) as oom,
+        kind.create(name, limit) as group,
+        closing(group.open_source()) as source,
+        closing(_oom_watch(group)) as oom,
     ):
         trace_path = os.path.join(tmp, "trace")
         start = time.monotonic()
         proc = group.spawn(_allocator_argv(total, shrinker, trace_path), stdout=out, stderr=err)
         try:
             trace = _TraceReader(trace_path, start)
-            seen = _supervise(proc, source.usage, trace, label, limit, progress, oom)
+            seen = _supervise(
+                proc, lambda: source.read().usage, trace, label, limit, progress, oom.happened
+            )
         finally:
             _stop(proc)
         trace.poll()
-        oom_kill = source.oom_control().get("oom_kill", 0)
-        max_usage = source.max_usage()
+        oom_kill = group.oom_kills()
+        max_usage = group.peak()
         return DemoRun(
             label=label,
             shrinker=shrinker,
@@ -583,10 +614,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         require_matplotlib()
     out = sys.stdout
     progress = ProgressLine(sys.stderr)
-    if not v1_memory_available():
+    kind = managed_cgroup_class()
+    if kind is None:
         print(
-            "No cgroup v1 memory group can be created here (not root, or no v1 memory "
-            "controller): running under a process budget of "
+            "No memory cgroup can be created here (not root, or no memory controller to use): "
+            "running under a process budget of "
             f"{format_bytes(limit)} instead (no hard limit, so nothing can be OOM-killed).",
             file=sys.stderr,
             flush=True,
@@ -599,7 +631,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     else:
         print(
             f"Allocating {args.total} in 1 MiB chunks inside a {format_bytes(limit)} "
-            "cgroup v1 memory group, with pyshrinker and without:",
+            f"cgroup {kind.version.value} memory group, with pyshrinker and without:",
             file=sys.stderr,
             flush=True,
         )

@@ -40,11 +40,22 @@ DEFAULT_HEADROOM_FRACTION = 0.125
 #: The headroom is at least this many bytes: a Python thread allocates up to ~2.4 GB/s, and a
 #: request takes milliseconds to travel, so small limits need room to react in.
 MIN_HEADROOM = 32 * MiB
+#: On a machine with no cgroup limit, the headroom is this fraction of its memory, within
+#: MACHINE_HEADROOM_RANGE: other processes share that memory and grow without telling us, so
+#: a cache keeps out of their way only when MemAvailable runs low, and then frees a little.
+MACHINE_HEADROOM_FRACTION = 1 / 32
+MACHINE_HEADROOM_RANGE = (64 * MiB, 1024 * MiB)
 
 
 @attrs.frozen
 class Watermarks:
-    """Reclaim starts when the working set reaches ``high`` and aims for ``low``."""
+    """Reclaim starts when the working set reaches ``high`` and aims for ``low``.
+
+    ``limit`` is the wall the working set must stay under: on cgroup v2 the lower of
+    ``memory.max`` and ``memory.high``. The kernel throttles a group over ``memory.high``
+    (it reclaims and makes allocating tasks sleep, never OOM-kills), and throttling is what a
+    service's users feel, so where ``memory.high`` is set the watermarks sit below it.
+    """
 
     limit: int
     high: int
@@ -73,6 +84,28 @@ class Watermarks:
             room = headroom
         room = max(1, room)
         return cls(limit=limit, high=limit - room, low=max(0, limit - 2 * room))
+
+    @classmethod
+    def for_machine(cls, total: int, headroom: int | float | None = None) -> Watermarks:
+        """Watermarks for a machine of ``total`` bytes with no cgroup limit (by MemAvailable).
+
+        Reclaim starts when MemAvailable falls under the headroom and aims for twice that: by
+        default 1/32 of the memory, between 64 MiB and 1 GiB (96 MiB of 3 GiB, 768 MiB of
+        24 GiB). An explicit ``headroom`` means what it means for :meth:`for_limit`.
+        """
+        if headroom is None and total > 0:
+            low, high = MACHINE_HEADROOM_RANGE
+            headroom = min(max(int(total * MACHINE_HEADROOM_FRACTION), low), high, total // 4)
+            if headroom <= 0:
+                headroom = None
+        return cls.for_limit(total, headroom)
+
+
+def watermarks(limit: int, machine: bool, headroom: int | float | None = None) -> Watermarks:
+    """The watermarks for a reading: a cgroup's (or budget's) limit, or a whole machine's."""
+    if machine:
+        return Watermarks.for_machine(limit, headroom)
+    return Watermarks.for_limit(limit, headroom)
 
 
 def usage_thresholds(marks: Watermarks) -> tuple[int, int]:

@@ -46,3 +46,6 @@ class ProcessBudget(MemorySource):
     def read(self) -> MemoryState:
         rss = parse_statm(self._files["statm"].read_text())
         return MemoryState(usage=rss, working_set=rss, limit=self.budget)
+
+    def describe_limit(self) -> str:
+        return f"{self.budget} bytes, a budget for the resident memory of {self.path}"

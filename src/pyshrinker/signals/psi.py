@@ -33,6 +33,10 @@ SYSTEM_MEMORY_PRESSURE = "/proc/pressure/memory"
 MIN_WINDOW_US = 500_000
 MAX_WINDOW_US = 10_000_000
 UNPRIVILEGED_WINDOW_STEP_US = 2_000_000
+#: The trigger a controller arms: 10 % of a 500 ms window stalled, the shortest window the
+#: kernel allows (with CAP_SYS_RESOURCE); without it, widened to 200 ms of 2 s.
+PSI_STALL_US = 50_000
+PSI_WINDOW_US = MIN_WINDOW_US
 
 
 class StallKind(enum.Enum):
