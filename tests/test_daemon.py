@@ -20,9 +20,7 @@ from pyshrinker.daemon import (
     RequestCommand,
     ShrinkCommand,
     add_arguments,
-    eventfd_id,
     mounted,
-    parse_eventfd_id,
     parse_proc_status,
     parse_status,
     parse_test_control,
@@ -35,6 +33,7 @@ from pyshrinker.errors import (
     TransportPermissionError,
     UnsupportedError,
 )
+from pyshrinker.registry import eventfd_id, parse_eventfd_id
 from pyshrinker.transport import CONTROLLER_DIR_ENV, FilesTransport
 
 from .daemon_helpers import (

@@ -22,6 +22,7 @@ Freed memory must reach the kernel: the client trims the heap after reclaim
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import logging
 import os
@@ -600,9 +601,22 @@ class Controller:
         return {r.key: r.chunks for r in sent}
 
     def _owner(self, key: Hashable) -> Hashable:
-        # Whose claims add up and who is distrusted: here each shrinker alone; pyshrinkerd's
-        # subclass groups a process's shrinkers.
+        # Whose claims add up and who is distrusted: another process's shrinkers (keyed
+        # (pid, efd) by the door they came in by) together; each of this process's alone.
+        if isinstance(key, tuple) and len(key) == 2:
+            owner: Hashable = key[0]
+            return owner
         return key
+
+    def forget_owner(self, owner: Hashable) -> None:
+        """A client process is gone: it is no longer distrusted."""
+        with self._lock:
+            self._distrusted.discard(owner)
+
+    def distrusted(self) -> list[Hashable]:
+        """Owners that let a round of asks down this episode (asked less now)."""
+        with self._lock:
+            return list(self._distrusted)
 
     def _judge_rounds(self, now: float, working_set: int) -> None:
         # Called with the lock held. A round one owner dominated helped if the working set fell
@@ -650,8 +664,14 @@ class Controller:
         return [request]
 
     def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
-        # Called with the lock held. The embedded controller's eventfds are its own process's
-        # (Shrinker makes them non-blocking); pyshrinkerd's subclass bounds the write instead.
+        # Called with the lock held. This process's own eventfds are non-blocking (Shrinker
+        # makes them so). Another process's (a door's duplicate, keyed (pid, efd)) shares its
+        # file status flags with the client's copy: a client that made it blocking, and filled
+        # it, would make this write wait holding the lock. Refused instead (BlockingIOError:
+        # the registration is dropped). pyshrinkerd, whose clients may be any C program with a
+        # blocking eventfd, bounds the write with a timer instead.
+        if isinstance(key, tuple) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+            raise BlockingIOError(errno.EAGAIN, "a client's eventfd is blocking")
         eventfd_write(fd, value)
 
     def _run_hooks(self, sent: list[ShrinkRequest]) -> None:

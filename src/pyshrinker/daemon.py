@@ -97,19 +97,26 @@ from pyshrinker.abi import (
     MAX_LINE,
     SHRINKER_FILE,
     Level,
-    RegisterLevel,
     RegisterShrinker,
     parse_event_control,
     parse_report,
 )
 from pyshrinker.cgroup import MemorySource, open_group, with_host_fallback
-from pyshrinker.controller import Controller, ControllerConfig, ShrinkerInfo, ShrinkRequest
+from pyshrinker.controller import Controller, ControllerConfig
 from pyshrinker.errors import (
     AbiError,
     CgroupError,
     CgroupNotFound,
     PyshrinkerError,
     UnsupportedError,
+)
+from pyshrinker.registry import (
+    DEFAULT_MAX_PER_PROCESS,
+    DEFAULT_MAX_TOTAL,
+    Client,
+    ClientRegistry,
+    pid_efd,
+    refuse,
 )
 from pyshrinker.transport import UNREGISTER_FIELD
 
@@ -121,10 +128,6 @@ STATUS_FILE = "mempressure.status"
 #: Write-only, present only with ``--test-control``: ask for chunks or raise a level by hand.
 REQUEST_FILE = "mempressure.request"
 
-#: Registrations one process may hold (shrinkers and level listeners).
-DEFAULT_MAX_PER_PROCESS = 64
-#: Registrations all processes together may hold.
-DEFAULT_MAX_TOTAL = 4096
 #: Requests and episodes the status file lists (the latest).
 DEFAULT_STATUS_HISTORY = 1000
 #: Status files open at once (each holds the snapshot taken at open).
@@ -141,48 +144,6 @@ EVENTFD_LINK = "anon_inode:[eventfd]"
 #: clock event device when armed and disarmed, which costs a VM exit (measured here: 7.6 us a
 #: write on average at 1 ms, 2.3 us at 5 ms and up; 0.9 us unbounded).
 SIGNAL_TIMEOUT = 0.01
-
-
-# ---------------------------------------------------------------------- errors
-
-
-class Refused(PyshrinkerError, OSError):
-    """A line or an open the daemon refused; ``errno`` is what the writer gets."""
-
-
-def _refuse(code: int, why: str) -> Refused:
-    return Refused(code, f"{os.strerror(code)}: {why}")
-
-
-# ---------------------------------------------------------------------- which eventfd
-
-
-def parse_eventfd_id(fdinfo: str) -> int | None:
-    """The ``eventfd-id:`` of ``/proc/<pid>/fdinfo/<fd>`` text (Linux 5.10+), or None."""
-    for line in fdinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key == "eventfd-id":
-            try:
-                return int(value)
-            except ValueError:
-                raise ValueError(f"bad eventfd-id line: {line!r}") from None
-    return None
-
-
-def eventfd_id(fd: int, proc: str = "/proc") -> int | None:
-    """The kernel's id of the eventfd behind this process's ``fd``, None if it does not say.
-
-    Every eventfd has one inode (the anonymous inode), so ``st_ino`` cannot tell two apart;
-    the id can: it is unique among the eventfds alive, and a registration keeps its eventfd
-    alive (the daemon holds a duplicate). Reading our own fdinfo makes no FUSE call.
-    """
-    info = os.open(f"{proc}/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        # pos, flags, mnt_id, ino, eventfd-count, eventfd-id, eventfd-semaphore: ~120 bytes.
-        data = os.read(info, 1024)
-    finally:
-        os.close(info)
-    return parse_eventfd_id(data.decode("ascii", "replace"))
 
 
 # ---------------------------------------------------------------------- who is writing
@@ -222,7 +183,7 @@ def read_proc_status(tid: int, proc: str = "/proc") -> ProcStatus:
     try:
         fd = os.open(f"{proc}/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise _refuse(errno.ESRCH, f"thread {tid} is gone") from None
+        raise refuse(errno.ESRCH, f"thread {tid} is gone") from None
     try:
         # Tgid is the fourth line and Groups the tenth or so: the first 2 KiB hold both.
         data = os.read(fd, 2048)
@@ -354,15 +315,6 @@ class DaemonController(Controller):
     #: Processes an eventfd of which could not be signalled (see :meth:`_write_eventfd`).
     unanswerable: set[int] = attrs.field(factory=set)
 
-    def _owner(self, key: Hashable) -> Hashable:
-        # A process's shrinkers claim together and are distrusted together.
-        return _pid_efd(key)[0]
-
-    def distrusted(self) -> list[int]:
-        """Processes that let a round of asks down this episode (asked less now), by pid."""
-        with self._lock:
-            return sorted(pid for pid in self._distrusted if isinstance(pid, int))
-
     def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
         # The eventfd is a client's: it may have filled the counter of a blocking one, and a
         # plain write would then wait, holding the controller's lock, until the client reads.
@@ -371,14 +323,13 @@ class DaemonController(Controller):
         try:
             eventfd_write_within(fd, value, SIGNAL_TIMEOUT)
         except BlockingIOError:
-            self.unanswerable.add(_pid_efd(key)[0])
+            self.unanswerable.add(pid_efd(key)[0])
             raise
 
-    def forget_process(self, pid: int) -> None:
-        """Process ``pid`` is gone: it is no longer distrusted, nor refused."""
-        with self._lock:
-            self._distrusted.discard(pid)
-        self.unanswerable.discard(pid)
+    def forget_owner(self, owner: Hashable) -> None:
+        """Process ``owner`` is gone: it is no longer distrusted, nor refused."""
+        super().forget_owner(owner)
+        self.unanswerable.discard(owner)
 
     def shrink(self, nbytes: int, reason: str = "explicit") -> dict[Hashable, int]:
         # Counts are read just before the shrink takes the lock; a report landing in between
@@ -517,79 +468,43 @@ class ExitWatcher:
 # ---------------------------------------------------------------------- the registry
 
 
-@attrs.define(eq=False)
-class _Registration:
-    efd: int
-    dup: int
-    level: Level | None = None
-    #: The eventfd's kernel id (see :func:`eventfd_id`), None if the kernel does not show it.
-    ident: int | None = None
-
-
-@attrs.define(eq=False)
-class _Process:
-    tgid: int
-    uid: int
-    pidfd: int
-    regs: dict[int, _Registration] = attrs.field(factory=dict)
-
-
 def _exited(pidfd: int) -> bool:
     readable, _, _ = select.select([pidfd], [], [], 0)
     return bool(readable)
 
 
 @attrs.define(eq=False)
-class Registry:
-    """The daemon's half of the file ABI: who registered which eventfd, keyed (pid, efd).
+class Registry(ClientRegistry):
+    """The FUSE door: the file ABI's writers, identified and checked, into the shared registry.
 
-    Independent of FUSE: each method takes the :class:`Caller` and the bytes written, and raises
-    :class:`Refused` (an OSError with the errno to answer) or :class:`AbiError` (EINVAL).
+    Independent of FUSE itself: each method takes the :class:`Caller` and the bytes written, and
+    raises :class:`Refused` (an OSError with the errno to answer) or :class:`AbiError` (EINVAL).
+    A client is a writer's process, watched through its pidfd.
 
     .. versionadded:: 0.1.0
     """
 
-    controller: DaemonController
+    controller: DaemonController = attrs.field(kw_only=True)
     #: The mount point's real path: the shrinker/level fd of a line must name a file under it.
-    mount: str
-    policy: AccessPolicy = attrs.field(factory=AccessPolicy)
-    max_per_process: int = DEFAULT_MAX_PER_PROCESS
-    max_total: int = DEFAULT_MAX_TOTAL
-    status_history: int = DEFAULT_STATUS_HISTORY
-    proc: str = "/proc"
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, alias="lock")
-    _procs: dict[int, _Process] = attrs.field(factory=dict, alias="procs")
-    _by_pidfd: dict[int, _Process] = attrs.field(factory=dict, alias="by_pidfd")
-    #: Registered eventfds by kernel id: (pid, efd) of the registration.
-    _by_ident: dict[int, tuple[int, int]] = attrs.field(factory=dict, alias="by_ident")
-    _total: int = attrs.field(default=0, alias="total")
+    mount: str = attrs.field(kw_only=True)
+    policy: AccessPolicy = attrs.field(factory=AccessPolicy, kw_only=True)
+    status_history: int = attrs.field(default=DEFAULT_STATUS_HISTORY, kw_only=True)
+    _pidfds: dict[int, int] = attrs.field(factory=dict, alias="pidfds")
+    _by_pidfd: dict[int, int] = attrs.field(factory=dict, alias="by_pidfd")
     _watcher: ExitWatcher | None = attrs.field(default=None, alias="watcher")
     _closed: bool = attrs.field(default=False, alias="closed")
     _started: float = attrs.field(factory=time.monotonic, alias="started")
-    #: Counters for the status file: lines taken, refusals by errno name, processes dropped.
-    counters: dict[str, int] = attrs.field(factory=dict)
-    _counter_lock: threading.Lock = attrs.field(factory=threading.Lock, alias="counter_lock")
-    _requests_sent: int = attrs.field(default=0, alias="requests_sent")
-    _chunks_sent: int = attrs.field(default=0, alias="chunks_sent")
 
     @classmethod
     def start(cls, controller: DaemonController, mount: str, **options: Any) -> Registry:
         """A registry over ``controller`` for files under ``mount``, its exit watcher running."""
-        registry = cls(controller, os.path.realpath(mount), **options)
+        registry = cls(controller=controller, mount=os.path.realpath(mount), **options)
         controller.keep_history(registry.status_history)
-        controller.add_request_hook(registry._count_request)
         registry._watcher = ExitWatcher.start(registry._process_exited)
         return registry
 
-    def _count_request(self, request: ShrinkRequest) -> None:
-        with self._counter_lock:
-            self._requests_sent += 1
-            self._chunks_sent += request.chunks
-
     def _bump(self, name: str) -> None:
-        # Its own lock: called with and without the registry's, from several FUSE threads.
-        with self._counter_lock:
-            self.counters[name] = self.counters.get(name, 0) + 1
+        self.bump(name)
 
     # ------------------------------------------------------------------ callers
 
@@ -597,11 +512,11 @@ class Registry:
         """Identify the writer of a request from its FUSE context (pid = thread id)."""
         if tid <= 0:
             # The writer lives in a pid namespace the daemon cannot see into.
-            raise _refuse(errno.EPERM, "writer not visible in the daemon's pid namespace")
+            raise refuse(errno.EPERM, "writer not visible in the daemon's pid namespace")
         if not self.policy.needs_groups(uid, gid):
-            with self._lock:
-                proc = self._procs.get(tid)
-                if proc is not None and not _exited(proc.pidfd):
+            with self.lock:
+                pidfd = self._pidfds.get(tid)
+                if pidfd is not None and not _exited(pidfd):
                     # The thread id is the pid of a registered process that is alive: it is that
                     # process's main thread (a leader's pid stays taken until its whole thread
                     # group is gone). Skips /proc/<tid>/status, about 20 us of a ~45 us write.
@@ -612,67 +527,53 @@ class Registry:
     def check_access(self, caller: Caller) -> None:
         """EACCES unless the policy lets ``caller`` in."""
         if not self.policy.allows(caller.uid, caller.gid, caller.groups):
-            raise _refuse(errno.EACCES, f"uid {caller.uid} gid {caller.gid} not allowed")
+            raise refuse(errno.EACCES, f"uid {caller.uid} gid {caller.gid} not allowed")
 
     # ------------------------------------------------------------------ processes
 
-    def _process_for(self, caller: Caller, create: bool) -> _Process | None:
+    def _process_for(self, caller: Caller, create: bool) -> Client | None:
         # Called with the lock held.
-        proc = self._procs.get(caller.tgid)
-        if proc is not None and _exited(proc.pidfd):
+        client = self.client_locked(caller.tgid)
+        if client is not None and _exited(self._pidfds[client.pid]):
             # An exit the watcher has not handled yet, and the pid already reused.
-            self._drop(proc)
-            proc = None
-        if proc is None and create:
+            self.drop_locked(client)
+            client = None
+        if client is None and create:
             try:
                 pidfd = pidfd_open(caller.tgid)
             except OSError as err:
-                raise _refuse(err.errno or errno.ESRCH, f"pidfd_open({caller.tgid})") from err
-            proc = _Process(caller.tgid, caller.uid, pidfd)
-            self._procs[caller.tgid] = proc
-            self._by_pidfd[pidfd] = proc
+                raise refuse(err.errno or errno.ESRCH, f"pidfd_open({caller.tgid})") from err
+            client = self.join_locked(caller.tgid, caller.uid, lambda: self._release(pidfd))
+            self._pidfds[caller.tgid] = pidfd
+            self._by_pidfd[pidfd] = caller.tgid
             if self._watcher is not None:
                 self._watcher.add(pidfd)
-        return proc
+        return client
 
-    def _forget_if_empty(self, proc: _Process) -> None:
-        if not proc.regs and self._procs.get(proc.tgid) is proc:
-            self._drop(proc)
-
-    def _drop(self, proc: _Process) -> None:
-        """Forget a process: unregister everything, close its duplicates and its pidfd."""
-        # Unregistering takes the controller's lock, which it holds while signalling: once
-        # unregister returns, the duplicate is never written again and may be closed.
-        for reg in proc.regs.values():
-            self.controller.unregister((proc.tgid, reg.efd))
-            self._forget_ident(reg)
-            os.close(reg.dup)
-        self._total -= len(proc.regs)
-        proc.regs.clear()
-        if self._procs.get(proc.tgid) is proc:
-            del self._procs[proc.tgid]
-        self._by_pidfd.pop(proc.pidfd, None)
-        self.controller.forget_process(proc.tgid)
+    def _release(self, pidfd: int) -> None:
+        # Called with the lock held, when the client is dropped.
+        pid = self._by_pidfd.pop(pidfd, None)
+        if pid is not None and self._pidfds.get(pid) == pidfd:
+            del self._pidfds[pid]
         if self._watcher is not None:
-            self._watcher.remove(proc.pidfd)
-        os.close(proc.pidfd)
+            self._watcher.remove(pidfd)
+        os.close(pidfd)
 
-    def _forget_ident(self, reg: _Registration) -> None:
-        # Called with the lock held, before the duplicate is closed (its id may then be reused).
-        if reg.ident is not None:
-            self._by_ident.pop(reg.ident, None)
+    def _forget_if_empty(self, client: Client) -> None:
+        if not client.regs and self.client_locked(client.pid) is client:
+            self.drop_locked(client)
 
     def _process_exited(self, pidfd: int) -> None:
-        with self._lock:
-            proc = self._by_pidfd.get(pidfd)
-            if proc is None:
+        with self.lock:
+            pid = self._by_pidfd.get(pidfd)
+            client = self.client_locked(pid) if pid is not None else None
+            if client is None:
                 if self._watcher is not None:
                     self._watcher.remove(pidfd)
                 return
-            dropped = len(proc.regs)
-            self._drop(proc)
+            dropped = self.drop_locked(client)
             self._bump("processes_exited")
-        log.info("process %d exited: %d registrations dropped", proc.tgid, dropped)
+        log.info("process %d exited: %d registrations dropped", client.pid, dropped)
 
     # ------------------------------------------------------------------ the ABI
 
@@ -682,29 +583,29 @@ class Registry:
         try:
             target = os.readlink(f"{self.proc}/{caller.tgid}/fd/{fd}")
         except FileNotFoundError:
-            raise _refuse(errno.EBADF, f"fd {fd} is not open in process {caller.tgid}") from None
+            raise refuse(errno.EBADF, f"fd {fd} is not open in process {caller.tgid}") from None
         if target != os.path.join(self.mount, name):
-            raise _refuse(errno.EINVAL, f"fd {fd} is {target!r}, not this directory's {name}")
+            raise refuse(errno.EINVAL, f"fd {fd} is {target!r}, not this directory's {name}")
 
-    def _duplicate_eventfd(self, proc: _Process, efd: int) -> int:
+    def _duplicate_eventfd(self, client: Client, efd: int) -> int:
         # Look before taking: closing a duplicate of some other file would run its flush, and
         # a FUSE file's flush waits for its server (this daemon, or a hung one).
         try:
-            link = os.readlink(f"{self.proc}/{proc.tgid}/fd/{efd}")
+            link = os.readlink(f"{self.proc}/{client.pid}/fd/{efd}")
         except FileNotFoundError:
-            raise _refuse(errno.EBADF, f"fd {efd} is not open in process {proc.tgid}") from None
+            raise refuse(errno.EBADF, f"fd {efd} is not open in process {client.pid}") from None
         if link != EVENTFD_LINK:
-            raise _refuse(errno.EINVAL, f"fd {efd} of process {proc.tgid} is {link!r}")
+            raise refuse(errno.EINVAL, f"fd {efd} of process {client.pid} is {link!r}")
         # pidfd_getfd only ever on the writer's own pidfd: a line cannot reach anyone else's fds.
         # The writer may have swapped the fd since: check the duplicate itself too.
         try:
-            dup = pidfd_getfd(proc.pidfd, efd)
+            dup = pidfd_getfd(self._pidfds[client.pid], efd)
         except OSError as err:
             code = err.errno or errno.EBADF
-            raise _refuse(code, f"eventfd {efd} of process {proc.tgid}") from err
+            raise refuse(code, f"eventfd {efd} of process {client.pid}") from err
         if not is_eventfd(dup):
             os.close(dup)
-            raise _refuse(errno.EINVAL, f"fd {efd} of process {proc.tgid} is not an eventfd")
+            raise refuse(errno.EINVAL, f"fd {efd} of process {client.pid} is not an eventfd")
         return dup
 
     def event_control(self, caller: Caller, line: bytes) -> None:
@@ -715,81 +616,45 @@ class Registry:
             self._unregister(caller, line)
             return
         parsed = parse_event_control(line)
-        with self._lock:
-            proc = self._process_for(caller, create=True)
-            assert proc is not None
+        with self.lock:
+            client = self._process_for(caller, create=True)
+            assert client is not None
             try:
-                self._register(caller, proc, parsed)
+                if client.pid in self.controller.unanswerable:
+                    raise refuse(errno.EPERM, f"process {client.pid} left an eventfd unanswerable")
+                if isinstance(parsed, RegisterShrinker):
+                    self._check_target(caller, parsed.shrinker_fd, SHRINKER_FILE)
+                else:
+                    self._check_target(caller, parsed.level_fd, LEVEL_FILE)
+                if parsed.efd in client.regs:
+                    raise refuse(errno.EINVAL, f"eventfd {parsed.efd} is already registered")
+                self.register_locked(client, parsed, self._duplicate_eventfd(client, parsed.efd))
             finally:
-                self._forget_if_empty(proc)
+                self._forget_if_empty(client)
         self._bump("registrations")
-
-    def _register(
-        self, caller: Caller, proc: _Process, parsed: RegisterShrinker | RegisterLevel
-    ) -> None:
-        if proc.tgid in self.controller.unanswerable:
-            raise _refuse(errno.EPERM, f"process {proc.tgid} left an eventfd unanswerable")
-        if parsed.efd in proc.regs:
-            raise _refuse(errno.EINVAL, f"eventfd {parsed.efd} is already registered")
-        if len(proc.regs) >= self.max_per_process:
-            raise _refuse(errno.ENOSPC, f"process {proc.tgid} has {len(proc.regs)} registrations")
-        if self._total >= self.max_total:
-            raise _refuse(errno.ENOSPC, f"{self._total} registrations in all")
-        if isinstance(parsed, RegisterShrinker):
-            self._check_target(caller, parsed.shrinker_fd, SHRINKER_FILE)
-        else:
-            self._check_target(caller, parsed.level_fd, LEVEL_FILE)
-        dup = self._duplicate_eventfd(proc, parsed.efd)
-        key = (proc.tgid, parsed.efd)
-        try:
-            # One eventfd, one registration, as the proposed kernel keyed them: the same
-            # eventfd under a second fd number (dup, or inherited by a child) would be asked
-            # twice for the same chunks.
-            ident = eventfd_id(dup, self.proc)
-            if ident is not None and ident in self._by_ident:
-                pid, efd = self._by_ident[ident]
-                why = f"eventfd {parsed.efd} is the one process {pid} registered as {efd}"
-                raise _refuse(errno.EINVAL, why)
-            level = None if isinstance(parsed, RegisterShrinker) else parsed.level
-            if isinstance(parsed, RegisterShrinker):
-                self.controller.register(key, dup, parsed.chunk_size, parsed.cost)
-            else:
-                self.controller.register_level(key, dup, parsed.level)
-        except BaseException:
-            os.close(dup)
-            raise
-        proc.regs[parsed.efd] = _Registration(parsed.efd, dup, level, ident)
-        if ident is not None:
-            self._by_ident[ident] = key
-        self._total += 1
 
     def _unregister(self, caller: Caller, line: bytes) -> None:
         efd_token = line.split()[0].decode("ascii", "replace")
         if not efd_token.isdigit():
             raise AbiError(f"eventfd must be a decimal integer, got {efd_token!r}")
         efd = int(efd_token)
-        with self._lock:
-            proc = self._process_for(caller, create=False)
-            reg = proc.regs.pop(efd, None) if proc is not None else None
-            if proc is None or reg is None:
-                raise _refuse(errno.EINVAL, f"eventfd {efd} is not registered")
-            self.controller.unregister((proc.tgid, efd))
-            self._forget_ident(reg)
-            os.close(reg.dup)
-            self._total -= 1
-            self._forget_if_empty(proc)
+        with self.lock:
+            client = self._process_for(caller, create=False)
+            if client is None:
+                raise refuse(errno.EINVAL, f"eventfd {efd} is not registered")
+            self.unregister_locked(client, efd)
+            self._forget_if_empty(client)
         self._bump("unregistrations")
 
     def report(self, caller: Caller, line: bytes) -> None:
         """A write to ``mempressure.shrinker``: ``"<efd> <N>"``."""
         self.check_access(caller)
         parsed = parse_report(line)
-        with self._lock:
-            proc = self._process_for(caller, create=False)
-            reg = proc.regs.get(parsed.efd) if proc is not None else None
-            if proc is None or reg is None or reg.level is not None:
-                raise _refuse(errno.EINVAL, f"eventfd {parsed.efd} is not a registered shrinker")
-            self.controller.report((proc.tgid, parsed.efd), parsed.chunks)
+        with self.lock:
+            client = self._process_for(caller, create=False)
+            if client is None:
+                raise refuse(errno.EINVAL, f"eventfd {parsed.efd} is not a registered shrinker")
+            self.report_locked(client, parsed.efd, parsed.chunks)
         self._bump("reports")
 
     def check_test_control(self, caller: Caller) -> None:
@@ -799,7 +664,7 @@ class Registry:
         and report, not make the daemon ask other users' processes.
         """
         if not self.policy.privileged(caller.uid):
-            raise _refuse(errno.EACCES, f"uid {caller.uid} may not use {REQUEST_FILE}")
+            raise refuse(errno.EACCES, f"uid {caller.uid} may not use {REQUEST_FILE}")
 
     def test_control(self, caller: Caller, line: bytes) -> None:
         """A write to ``mempressure.request`` (``--test-control`` only)."""
@@ -815,7 +680,7 @@ class Registry:
             try:
                 self.controller.request(key, command.chunks, reason="test-control")
             except AbiError:
-                raise _refuse(errno.EINVAL, f"no shrinker {key}") from None
+                raise refuse(errno.EINVAL, f"no shrinker {key}") from None
         self._bump("test_control")
 
     # ------------------------------------------------------------------ status
@@ -843,39 +708,35 @@ class Registry:
         if marks is not None:
             memory.update(high=marks.high, low=marks.low)
         memory["signals"] = controller.describe_signals()
-        with self._lock:
-            memory.update(processes=len(self._procs), registrations=self._total)
+        with self.lock:
+            memory.update(processes=len(self.clients_locked()), registrations=self.total)
+            # Root and the daemon's user see everything, gone processes' requests included;
+            # another user only the processes of theirs registered now.
             shown: set[int] | None = None
             if viewer is not None and not self.policy.privileged(viewer.uid):
-                shown = {p.tgid for p in self._procs.values() if p.uid == viewer.uid}
-            levels = [
-                {"kind": "level", "pid": p.tgid, "efd": r.efd, "level": r.level.label}
-                for p in self._procs.values()
-                for r in p.regs.values()
-                if r.level is not None and (shown is None or p.tgid in shown)
-            ]
+                shown = {c.pid for c in self.clients_locked() if c.uid == viewer.uid}
 
         def shows(pid: int) -> bool:
             return shown is None or pid in shown
 
         def visible(key: Hashable) -> bool:
-            return shows(_pid_efd(key)[0])
+            return shows(pid_efd(key)[0])
 
-        memory["distrusted"] = [pid for pid in controller.distrusted() if shows(pid)]
+        memory["distrusted"] = sorted(
+            pid for pid in controller.distrusted() if isinstance(pid, int) and shows(pid)
+        )
         memory["unanswerable"] = sorted(pid for pid in controller.unanswerable if shows(pid))
-        with self._counter_lock:
-            memory.update(
-                requests_sent=self._requests_sent,
-                chunks_sent=self._chunks_sent,
-                counters=dict(self.counters),
-            )
+        memory.update(
+            requests_sent=self.requests_sent,
+            chunks_sent=self.chunks_sent,
+            counters=dict(self.counters),
+        )
         lines.append(memory)
-        lines.extend(_shrinker_line(info) for info in controller.shrinkers() if visible(info.key))
-        lines.extend(levels)
+        lines.extend(self.status_lines(lambda client: shows(client.pid)))
         for request in controller.history()[-self.status_history :]:
             if not visible(request.key):
                 continue
-            pid, efd = _pid_efd(request.key)
+            pid, efd = pid_efd(request.key)
             lines.append(
                 {
                     "kind": "request",
@@ -894,12 +755,12 @@ class Registry:
                     "need": episode.need,
                     "reason": episode.reason,
                     "holdings": [
-                        [*_pid_efd(h.key), h.count, h.chunk_size, h.cost]
+                        [*pid_efd(h.key), h.count, h.chunk_size, h.cost]
                         for h in episode.holdings
                         if visible(h.key)
                     ],
                     "asked": [
-                        [*_pid_efd(key), chunks] for key, chunks in episode.asked if visible(key)
+                        [*pid_efd(key), chunks] for key, chunks in episode.asked if visible(key)
                     ],
                 }
             )
@@ -914,30 +775,10 @@ class Registry:
         self._closed = True
         if self._watcher is not None:
             self._watcher.close()
-        with self._lock:
-            for proc in list(self._procs.values()):
-                self._drop(proc)
+        with self.lock:
             self._watcher = None
-
-
-def _pid_efd(key: Hashable) -> tuple[int, int]:
-    if isinstance(key, tuple) and len(key) == 2:
-        return int(key[0]), int(key[1])
-    return -1, -1
-
-
-def _shrinker_line(info: ShrinkerInfo) -> dict[str, Any]:
-    pid, efd = _pid_efd(info.key)
-    return {
-        "kind": "shrinker",
-        "pid": pid,
-        "efd": efd,
-        "chunk_size": info.chunk_size,
-        "cost": info.cost,
-        "count": info.count,
-        "requests": info.requests,
-        "chunks_requested": info.chunks_requested,
-    }
+            for client in self.clients_locked():
+                self.drop_locked(client)
 
 
 # ---------------------------------------------------------------------- reading the status
