@@ -14,6 +14,7 @@ from pyshrinker.cgroup import (
     v1_memory_available,
     v2_memory_available,
 )
+from pyshrinker.shared import SCOPE_ENV
 from pyshrinker.signals.psi import psi_available
 
 pytest.register_assert_rewrite("tests.kernel_features")
@@ -25,6 +26,11 @@ pytest_plugins = ["tests.kernel_features"]
 __all__ = ["REQUIRE_KERNEL", "need"]
 
 MiB = 1 << 20
+
+# Processes of one memory cgroup elect one controller (pyshrinker.shared). This run's processes
+# (the test process and the children it starts) elect among themselves, apart from any other
+# run on the machine in the same cgroup.
+os.environ.setdefault(SCOPE_ENV, f"tests-{uuid.uuid4().hex[:12]}")
 
 #: Name prefix of the cgroups the tests create; ``PYSHRINKER_CGROUP_PREFIX`` overrides it, so
 #: that runs side by side on one machine can tell theirs apart.
@@ -86,6 +92,8 @@ def raw(daemon):
         yield files
     finally:
         files.close()
+
+
 @pytest.fixture
 def v2_group() -> Iterator[Callable[..., ManagedCgroupV2]]:
     """Factory for cgroup v2 groups: ``make(limit, high=None, parent=None)``; all removed after.

@@ -29,13 +29,17 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 O_CLOEXEC = 0o2000000
 
 
-def run_in_fresh_process(*args: str) -> dict[str, Any]:
-    """For the tests: run one of this script's commands in a new interpreter; its JSON line."""
+def run_in_fresh_process(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """For the tests: run one of this script's commands in a new interpreter; its JSON line.
+
+    ``env``: variables to set in it, over the test process's own.
+    """
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

@@ -315,40 +315,57 @@ class TestLevels:
 
 
 class TestFork:
-    """A forked child does not inherit a dead listener."""
+    """A forked child does not inherit a dead listener, nor its parent's registrations."""
 
     def test_child_reattaches(self):
-        """In the child, reports and requests work against the child's own controller."""
+        """The child registers anew with what it holds, through the cgroup's controller (the
+        parent's, elected before the fork), and is asked through it; the parent's stays."""
         rec = Recorder(held=5)
         s = Shrinker.register(MiB, rec)
         s.report(5)
         s.flush()
         parent_controller = pyshrinker.default_controller()
+        to_parent_r, to_parent_w = os.pipe()
+        to_child_r, to_child_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: exit code says what went wrong
             code = 1
             try:
+                os.close(to_parent_r)
+                os.close(to_child_w)
                 s.report(1)
                 s.flush()
-                child_controller = pyshrinker.default_controller()
                 code = 2
-                if child_controller is parent_controller:
-                    raise SystemExit
-                code = 3
-                if child_controller.count(s.efd) != 6:
+                if s.controller_count() != 6:
                     raise SystemExit
                 rec.held = 6
-                child_controller.request(s.efd, 2)
+                os.write(to_parent_w, f"{s.efd}\n".encode())
+                code = 3
+                if os.read(to_child_r, 16) != b"asked\n":
+                    raise SystemExit
+                deadline = time.monotonic() + 5
+                while rec.asked[-1:] != [2] and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 code = 4
-                if not settle() or rec.asked[-1:] != [2]:
+                if rec.asked[-1:] != [2] or not settle() or s.controller_count() != 4:
                     raise SystemExit
                 code = 0
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        os.close(to_parent_w)
+        os.close(to_child_r)
         try:
+            line = os.read(to_parent_r, 16)
+            if line:
+                # The child's registration, in this process's controller: (its pid, its efd).
+                assert parent_controller.count((pid, int(line))) == 6
+                parent_controller.request((pid, int(line)), 2)
+            os.write(to_child_w, b"asked\n")
+            _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
             # The parent's registration is untouched.
             assert parent_controller.count(s.efd) == 5
         finally:
+            os.close(to_parent_r)
+            os.close(to_child_w)
             s.close()

@@ -871,7 +871,7 @@ class TestTransport:
         )
         try:
             pid_text, transport_name = child.stdout.readline().split()
-            assert transport_name == "FilesTransport"
+            assert transport_name == "DirectoryTransport"
             (line,) = daemon.status().shrinkers_of(int(pid_text))
             assert (line.chunk_size, line.cost, line.count) == (65536, 2.0, 40)
             child.stdin.close()

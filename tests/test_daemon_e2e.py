@@ -177,6 +177,6 @@ class TestManyProcessesInOneGroup:
             line = next(s for s in status.shrinkers if s.pid == mine["pid"])
             assert line.chunks_requested == mine["chunks_requested"]
             assert abs(line.count - mine["held"]) <= 0, (line, mine)
-            assert mine["transport"] == "FilesTransport"
+            assert mine["transport"] == "DirectoryTransport"
         final_c = figures["c"][-1]
         assert final_c["requests"] > 0 and final_c["report_errors"] == 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 import threading
+import uuid
 
 import pytest
 
-from pyshrinker import _switch, set_reaction_switch_interval
+from pyshrinker import Shrinker, _switch, set_reaction_switch_interval
 from pyshrinker.client import Listener
 
 from .footprint_worker import run_in_fresh_process as run_worker
@@ -41,14 +42,30 @@ class TestAllocatorSettings:
 class TestAudit:
     """Threads, fds and signal handlers a process gets from its first caches."""
 
-    def test_what_caches_add(self) -> None:
-        """Two daemon threads, CLOEXEC fds only, no signal handler, the same switch interval."""
-        found = run_worker("audit")
-        assert found["threads"] == [["pyshrinker-controller", True], ["pyshrinker-listener", True]]
+    @pytest.mark.parametrize(
+        ("role", "threads"),
+        [
+            ("leader", ["pyshrinker-controller", "pyshrinker-door", "pyshrinker-listener"]),
+            ("follower", ["pyshrinker-link", "pyshrinker-listener"]),
+            ("off", ["pyshrinker-controller", "pyshrinker-listener"]),
+        ],
+    )
+    def test_what_caches_add(self, role: str, threads: list[str]) -> None:
+        """Daemon threads only (the controller's and its door when this process leads its
+        cgroup, a link to it when it follows), CLOEXEC fds only, no signal handler, the same
+        switch interval."""
+        env = {"PYSHRINKER_ELECTION_SCOPE": f"audit-{uuid.uuid4().hex}"}  # leads its own
+        if role == "follower":
+            env = {}  # this test process leads its run's scope
+            Shrinker.register(4096, lambda n: 0).close()
+        elif role == "off":
+            env["PYSHRINKER_ELECTION"] = "off"
+        found = run_worker("audit", env=env)
+        assert found["threads"] == [[name, True] for name in threads]
         assert found["fds"], "the caches registered nothing?"
         assert found["fds_without_cloexec"] == []
         assert all(
-            fd.startswith(("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "/"))
+            fd.startswith(("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "socket:[", "/"))
             for fd in found["fds"]
         ), found["fds"]
         assert found["changed_signals"] == []

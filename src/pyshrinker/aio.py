@@ -183,6 +183,12 @@ class AsyncShrinker(Shrinker):
             self._task = None
             self._resume()
 
+    def _handle_stale(self, asked: int) -> int | None:
+        # A request of a controller that went away, found when rejoining the new one (on the
+        # transport's thread, not the loop's): the callback belongs to the loop, so nothing is
+        # freed here; the chunks go back, and the new controller asks again if it must.
+        return None
+
     def _reattach_after_fork(self) -> None:
         # The loop's epoll set is shared with the parent: touching it would remove the parent's
         # registrations. Close this copy (only its eventfd) and refuse.

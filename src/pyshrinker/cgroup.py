@@ -544,15 +544,12 @@ class UnlimitedGroup(MemorySource):
         self.host.close()
 
 
-def memory_source_of(
+def memory_cgroup_of(
     pid: int | str = "self", proc: str = "/proc"
-) -> CgroupV1 | CgroupV2 | HostMemory:
-    """Open the memory cgroup process ``pid`` is in.
+) -> tuple[CgroupVersion, str] | None:
+    """The version and directory of the memory cgroup process ``pid`` is in, None if unmounted.
 
-    The v1 memory group if the memory controller is bound to v1, else the v2 group if it has
-    the memory controller, else the host (no memory cgroup, or the v2 root, which has no
-    ``memory.current``). Raises :class:`CgroupError` subclasses when the /proc files are missing
-    or malformed. :func:`steering_source_of` is what a controller steers by.
+    Raises :class:`CgroupError` subclasses when the /proc files are missing or malformed.
     """
     base = os.path.join(proc, str(pid))
     texts = []
@@ -563,7 +560,20 @@ def memory_source_of(
                 texts.append(f.read())
         except OSError as err:
             raise _translate(err, path) from err
-    found = locate_memory_cgroup(texts[0], texts[1])
+    return locate_memory_cgroup(texts[0], texts[1])
+
+
+def memory_source_of(
+    pid: int | str = "self", proc: str = "/proc"
+) -> CgroupV1 | CgroupV2 | HostMemory:
+    """Open the memory cgroup process ``pid`` is in.
+
+    The v1 memory group if the memory controller is bound to v1, else the v2 group if it has
+    the memory controller, else the host (no memory cgroup, or the v2 root, which has no
+    ``memory.current``). Raises :class:`CgroupError` subclasses when the /proc files are missing
+    or malformed. :func:`steering_source_of` is what a controller steers by.
+    """
+    found = memory_cgroup_of(pid, proc)
     if found is not None:
         version, directory = found
         if version is CgroupVersion.V1:
@@ -886,6 +896,7 @@ __all__ = [
     "UnlimitedGroup",
     "locate_memory_cgroup",
     "managed_cgroup_class",
+    "memory_cgroup_of",
     "memory_source_of",
     "open_group",
     "parse_flat_keyed",

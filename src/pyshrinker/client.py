@@ -29,12 +29,18 @@ from typing import TypeVar
 
 import attrs
 
-from pyshrinker import _fork, _switch, trim
+from pyshrinker import _fork, _switch, shared, trim
 from pyshrinker._switch import REACTION_SWITCH_INTERVAL, set_reaction_switch_interval
 from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
+from pyshrinker.controller import BUDGET_ENV
 from pyshrinker.errors import ClosedError, PyshrinkerError
-from pyshrinker.transport import CONTROLLER_DIR_ENV, EmbeddedTransport, FilesTransport, Transport
+from pyshrinker.transport import (
+    CONTROLLER_DIR_ENV,
+    DirectoryTransport,
+    EmbeddedTransport,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +279,22 @@ def get_listener() -> Listener:
 
 
 def _default_transport() -> Transport:
-    # PYSHRINKER_CONTROLLER_DIR names a controller directory (pyshrinkerd's mount, or a kernel's
-    # cgroup with the proposal) for every shrinker of the process; else the embedded controller.
+    """Where a shrinker registers unless told: the controller of the process's memory cgroup.
+
+    ``$PYSHRINKER_CONTROLLER_DIR`` names a controller directory (pyshrinkerd's mount, or a
+    kernel's cgroup with the proposal), with the cgroup's controller as the fallback while it is
+    gone. Otherwise the controller elected among the processes of the memory cgroup
+    (:mod:`pyshrinker.shared`), unless ``$PYSHRINKER_ELECTION`` is ``off`` or a process budget
+    (``$PYSHRINKER_BUDGET``, this process's own memory) is set: then this process's own.
+    """
     directory = os.environ.get(CONTROLLER_DIR_ENV)
     if directory:
-        return FilesTransport.shared(directory)
+        return DirectoryTransport.shared(directory)
+    if shared.election_enabled() and not os.environ.get(BUDGET_ENV):
+        try:
+            return shared.default_shared()
+        except (PyshrinkerError, OSError) as err:
+            log.warning("pyshrinker: no election (%s): this process runs its own controller", err)
     return EmbeddedTransport.default()
 
 
@@ -525,6 +542,52 @@ class Shrinker:
         self._efd = efd
         self._generation = _generation
         self._listen()
+        self._transport.watch(self)
+
+    def rejoin(self) -> None:
+        """Register again, with exactly what is held: the controller behind the transport changed.
+
+        The transport calls it, on a thread of its own, once it reaches the new controller (a
+        newly elected one, a restarted daemon, a fallback). A request the old controller sent
+        and was not read yet is handled first and settled here (the old controller's books are
+        gone); then the eventfd is registered anew and what is held reported in one line. Other
+        threads' reports wait for the books meanwhile, so none is counted twice or lost.
+
+        .. versionadded:: 0.1.0
+        """
+        with self._request_lock:
+            if self._closed or self._generation != _generation:
+                return
+            taken = self._take_request()
+            if taken is not None:
+                asked, start = taken
+                self._settle_request(asked, self._handle_stale(asked), start, send=False)
+            with self._lock, self._send_lock:
+                held = self._reported + self._pending
+                # Unregistered until the register below succeeds: nothing was reported.
+                self._reported = self._added = self._asked = 0
+                self._pending = held
+                self._transport.register(self._efd, self.chunk_size, self.cost)
+                if held:
+                    self._transport.report(self._efd, held)
+                self._reported = held
+                self._added = max(0, held)
+                self._pending = 0
+
+    def _handle_stale(self, asked: int) -> int | None:
+        # A request of the controller that went away: freed as asked (the pressure that made
+        # it is likely still there); AsyncShrinker gives it back instead.
+        return self._call_reclaim(asked)
+
+    def controller_count(self) -> int:
+        """The controller's count of this shrinker now, wherever the controller runs.
+
+        After :func:`settle` and :meth:`flush`, with no request in flight, it equals
+        :attr:`held`.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._transport.count(self._efd)
 
     def _listen(self) -> None:
         """Have requests on our eventfd handled (here: by the process's listener thread)."""
@@ -691,10 +754,13 @@ class Shrinker:
         self._chunks_requested += asked
         return asked, start
 
-    def _settle_request(self, asked: int, freed: int | None, start: float) -> None:
+    def _settle_request(
+        self, asked: int, freed: int | None, start: float, *, send: bool = True
+    ) -> None:
         """Re-add what was not freed, report what was freed beyond the request.
 
-        ``freed`` is None when the callback failed: everything asked is re-added.
+        ``freed`` is None when the callback failed: everything asked is re-added. With
+        ``send=False`` (a rejoin) the change is only booked, to go with the registration.
         """
         reaction = time.perf_counter() - start
         self._last_reaction_s = reaction
@@ -706,12 +772,16 @@ class Shrinker:
         readded = max(0, change)
         self._chunks_readded += readded
         self._lock.acquire()
-        # Unsent reports go with it, so that after a request the controller's count is exact.
-        change, self._pending = change + self._pending, 0
-        if change and not self._closed:
-            self._send_and_unlock(change)
-        else:
+        if not send:
+            self._pending += change
             self._lock.release()
+        else:
+            # Unsent reports go with it, so that after a request the controller's count is exact.
+            change, self._pending = change + self._pending, 0
+            if change and not self._closed:
+                self._send_and_unlock(change)
+            else:
+                self._lock.release()
         # Freed memory must reach the kernel, not stay in malloc: the one place every cache's
         # reclaim goes through (see pyshrinker.trim).
         trim.after_reclaim(counted * self.chunk_size)
@@ -824,6 +894,14 @@ class LevelSubscription:
         except Exception:
             log.exception("level callback %r raised; listener continues", self._callback)
 
+    def rejoin(self) -> None:
+        """Register the level eventfds again: the controller behind the transport changed."""
+        with self._lock:
+            if self._closed:
+                return
+            for level, efd in self._efds.items():
+                self._transport.register_level(efd, level)
+
     def close(self) -> None:
         """Unsubscribe; idempotent."""
         with self._lock:
@@ -911,6 +989,7 @@ def subscribe_levels(
     except BaseException:
         sub.close()
         raise
+    transport.watch(sub)
     return sub
 
 

@@ -967,6 +967,9 @@ def _is_write_refusal(err: BaseException) -> bool:
     return isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+#: A process memory budget (``"512M"``): this process's controller steers by its own RSS.
+BUDGET_ENV = "PYSHRINKER_BUDGET"
+
 _default: Controller | None = None
 _default_lock = threading.Lock()
 
@@ -976,7 +979,7 @@ def default_controller() -> Controller:
     global _default
     with _default_lock:
         if _default is None or _default._closed:
-            budget_env = os.environ.get("PYSHRINKER_BUDGET")
+            budget_env = os.environ.get(BUDGET_ENV)
             budget = parse_size(budget_env) if budget_env else None
             _default = Controller.for_current_process(budget=budget).start()
         return _default

@@ -118,13 +118,13 @@ from pyshrinker.registry import (
     pid_efd,
     refuse,
 )
-from pyshrinker.transport import UNREGISTER_FIELD
+
+# STATUS_FILE: read-only, the registrations, the requests sent and the memory readings.
+from pyshrinker.transport import STATUS_FILE, UNREGISTER_FIELD
 
 # Named explicitly: under ``python -m`` this module is __main__.
 log = logging.getLogger("pyshrinker.daemon")
 
-#: Read-only: the registrations, the requests sent and the memory readings, as JSON lines.
-STATUS_FILE = "mempressure.status"
 #: Write-only, present only with ``--test-control``: ask for chunks or raise a level by hand.
 REQUEST_FILE = "mempressure.request"
 

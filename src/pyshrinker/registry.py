@@ -277,9 +277,7 @@ class ClientRegistry:
         Shrinkers (with the controller's counts) and level listeners, each with its pid and efd.
         """
         with self.lock:
-            visible = {
-                c.pid for c in self._clients.values() if shown is None or shown(c)
-            }
+            visible = {c.pid for c in self._clients.values() if shown is None or shown(c)}
             levels = [
                 {"kind": "level", "pid": c.pid, "efd": r.efd, "level": r.level.label}
                 for c in self._clients.values()
