@@ -1107,6 +1107,33 @@ def unmount(path: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
 
 
+def prepare_mount_point(path: str) -> str | None:
+    """Make ``path`` ready to mount on; why it cannot be, or None.
+
+    A mount left by a daemon that died (SIGKILL, a crash) answers every call with ENOTCONN: it
+    is unmounted (lazily, if busy) so that a new daemon can take its place and its clients find
+    it again. A mount whose daemon answers is refused: two daemons would each believe they
+    serve the directory.
+    """
+    if mounted(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno != errno.ENOTCONN:
+                return f"mount point {path}: {err}"
+            log.warning("%s: a dead daemon's mount (ENOTCONN): unmounting it", path)
+            unmount(path)
+        else:
+            if os.path.exists(os.path.join(path, EVENT_CONTROL)):
+                return f"{path} is served already (another pyshrinkerd answers there)"
+            return f"{path} is a mount point of something else"
+        if mounted(path):
+            return f"{path}: could not unmount the dead daemon's mount"
+    if not os.path.isdir(path):
+        return f"mount point {path} is not a directory"
+    return None
+
+
 @attrs.define(eq=False)
 class DaemonProcess:
     """pyshrinkerd started as a child process (tests, benchmarks): :meth:`stop` unmounts it.
@@ -1116,6 +1143,9 @@ class DaemonProcess:
 
     mount: str
     popen: subprocess.Popen[bytes]
+    #: Whether it mounted (and so whether :meth:`stop` may unmount: a daemon that refused to
+    #: start must not unmount the directory another daemon serves).
+    served: bool = False
 
     @classmethod
     def start(
@@ -1151,7 +1181,8 @@ class DaemonProcess:
             raise
         finally:
             os.close(read_fd)
-        if answer != b"ready\n":
+        daemon.served = answer == b"ready\n"
+        if not daemon.served:
             code = daemon.stop()
             why = "did not get ready in time" if not ready else f"exited with status {code}"
             raise UnsupportedError(errno.EIO, f"pyshrinkerd on {mount} {why}")
@@ -1176,7 +1207,8 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        unmount(self.mount)
+        if self.served:
+            unmount(self.mount)
         return self.popen.returncode
 
     def __enter__(self) -> DaemonProcess:
@@ -1285,8 +1317,9 @@ def run(args: argparse.Namespace) -> int:
     # mfusepy logs every refused request with a traceback at DEBUG: refusals are normal here.
     logging.getLogger("fuse").setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
     mount = os.path.abspath(args.mount)
-    if not os.path.isdir(mount):
-        log.error("mount point %s is not a directory", mount)
+    problem = prepare_mount_point(mount)
+    if problem is not None:
+        log.error("%s", problem)
         return 2
     try:
         fuse = _import_fuse()

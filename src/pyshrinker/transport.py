@@ -323,7 +323,7 @@ class SwitchingTransport:
             return  # the rejoin that comes carries it
         try:
             current.report(efd, chunks)
-        except (ControllerGone, ControllerNotFound) as err:
+        except (ControllerGone, ControllerNotFound, ClosedError) as err:
             self.lost(current, err)
 
     def unregister(self, efd: int) -> None:
@@ -496,9 +496,9 @@ class DirectoryTransport(SwitchingTransport):
             super().rejoin()
 
     def _fail_over(self, dead: Transport) -> None:
-        if isinstance(dead, FilesTransport):
-            dead.close()
         self.switch(self._fallback_transport(), old_alive=False)
+        if isinstance(dead, FilesTransport):
+            dead.close()  # after the switch: no report is on its way there now
         # The mount table polls POLLPRI (and POLLERR) on every change: a restarted daemon's
         # mount is one. Tried once at the start too, in case it came back before we looked.
         mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
