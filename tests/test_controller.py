@@ -264,17 +264,60 @@ class TestEvaluate:
         assert asked * MiB < marks.high + 5 * MiB - marks.low + MiB
 
     def test_in_flight_not_asked_twice(self, efds):
-        """A request still in flight is not asked again; once usage drops it no longer counts."""
+        """A request still in flight is not asked again; a dip of 1 MiB settles 1 MiB of it,
+        not all of it (issue 12: every request was cancelled and a second full one sent)."""
+        c, memory, fd = self.make(efds, grace=60.0)
+        marks = Watermarks.for_limit(256 * MiB)
+        memory.set(marks.high + MiB)
+        c.evaluate()
+        first = read_counter(fd)
+        assert first * MiB == marks.high + MiB - marks.low
+        c.evaluate()
+        assert read_counter(fd) == 0
+        memory.set(marks.high)  # 1 MiB of it showed
+        c.evaluate()
+        assert read_counter(fd) == 0
+
+    def test_given_back_is_asked_of_the_others(self, efds):
+        """What a shrinker gives back (re-adds) no longer counts as in flight."""
         c, memory, fd = self.make(efds, grace=60.0)
         marks = Watermarks.for_limit(256 * MiB)
         memory.set(marks.high + MiB)
         c.evaluate()
         assert read_counter(fd) > 0
+        c.report(fd, 10)  # could not free 10 MiB of it
         c.evaluate()
-        assert read_counter(fd) == 0
-        memory.set(marks.high)  # dropped below the reading at request time: client acted
+        assert read_counter(fd) == 10
+
+    def test_a_reading_begun_before_a_request_does_not_judge_it(self, efds):
+        """The time a reading is judged by is taken before it is read."""
+        c, memory, fd = self.make(efds, grace=0.05)
+        marks = Watermarks.for_limit(256 * MiB)
+        memory.set(marks.high + MiB)
         c.evaluate()
-        assert read_counter(fd) == (marks.high - marks.low) // MiB
+        assert read_counter(fd) > 0
+        with c._lock:
+            (round_,) = c._in_flight
+            # A reading that began before the round was sent shows none of it, whenever it
+            # is judged, even after the grace.
+            assert c._in_flight_bytes(round_.sent_at - 1e-6, marks.high + MiB) == round_.asked
+        time.sleep(0.06)
+        c.evaluate()  # the grace is over: asked again
+        assert read_counter(fd) > 0
+
+    def test_grace_follows_reclaim_times(self, efds):
+        """Rounds that take 40 ms to show make the grace 80 ms (twice the median)."""
+        c, memory, fd = self.make(efds, grace=0.005)
+        marks = Watermarks.for_limit(256 * MiB)
+        for _ in range(5):
+            memory.set(marks.high + MiB)
+            c.evaluate()
+            assert read_counter(fd) > 0
+            time.sleep(0.04)
+            memory.set(marks.low)
+            c.evaluate()
+            c.report(fd, 100)
+        assert 0.07 <= c.current_grace() <= 0.25
 
     def test_escalation_levels_gc_and_trim(self, efds, monkeypatch):
         """Memory stuck above the watermark: medium, then gc + malloc_trim + oom."""

@@ -13,7 +13,9 @@ from pyshrinker.policy import (
     MiB,
     Watermarks,
     bytes_to_free,
+    credit_drop,
     dominant,
+    grace,
     poll_interval,
     share,
     weight,
@@ -398,3 +400,29 @@ class TestHostileHoldings:
             assert asked[owner] * 2 >= total > 0
         else:
             assert all(v * 2 < total for v in asked.values()) or total == 0
+
+
+class TestInFlight:
+    """Requests in flight: the drop credited once, the grace from measured reclaim times."""
+
+    def test_small_dip_settles_that_much(self) -> None:
+        """A 1 MiB dip settles 1 MiB of the oldest round, nothing of the next."""
+        assert credit_drop([32 << 20, 8 << 20], 1 << 20) == [31 << 20, 8 << 20]
+
+    def test_drop_spills_to_the_next_round(self) -> None:
+        """Past the oldest round's outstanding, the drop goes to the next."""
+        assert credit_drop([4, 10], 7) == [0, 7]
+
+    @given(st.lists(st.integers(0, 1 << 40), max_size=8), st.integers(-(1 << 40), 1 << 41))
+    def test_credited_once_never_negative(self, outstanding: list[int], drop: int) -> None:
+        """What is credited in all is min(drop, outstanding in all); nothing goes negative."""
+        after = credit_drop(outstanding, drop)
+        assert all(0 <= a <= o for a, o in zip(after, outstanding, strict=True))
+        assert sum(outstanding) - sum(after) == min(max(0, drop), sum(outstanding))
+
+    def test_grace_is_twice_the_median_within_bounds(self) -> None:
+        """No measurement: the shortest; 11 ms median: 22 ms; a slow client: the longest."""
+        assert grace([], 0.005, 0.25) == 0.005
+        assert grace([0.009, 0.011, 0.013], 0.005, 0.25) == pytest.approx(0.022)
+        assert grace([0.001, 0.002], 0.005, 0.25) == 0.005
+        assert grace([0.5, 0.6, 0.7], 0.005, 0.25) == 0.25

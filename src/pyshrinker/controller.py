@@ -83,7 +83,9 @@ class ControllerConfig:
 
     #: Bytes (int) or fraction of the limit (float) kept free above the high watermark.
     headroom: int | float | None = None
-    #: Seconds a request counts as in flight (not asked again) unless usage drops sooner.
+    #: Shortest time (seconds) a request counts as in flight (not asked again) unless its
+    #: effect shows sooner. The grace in force is twice the median time recent requests took
+    #: to show in the working set, within [grace, escalate_after] (policy.grace).
     grace: float = 0.005
     #: Seconds the working set may stay above the high watermark before escalating a step.
     escalate_after: float = 0.25
@@ -149,6 +151,25 @@ class _Registration:
 
 
 @attrs.define(eq=False)
+class _Round:
+    """The requests one decision sent: in flight until they show or their grace ends."""
+
+    sent_at: float
+    deadline: float
+    #: The working set of the reading they were decided on.
+    base: int
+    #: Bytes asked, and given back since (re-adds of what a shrinker could not free).
+    asked: int = 0
+    readded: int = 0
+    #: Bytes asked of each shrinker and not given back yet.
+    by_key: dict[Hashable, int] = attrs.field(factory=dict)
+
+    @property
+    def outstanding(self) -> int:
+        return max(0, self.asked - self.readded)
+
+
+@attrs.define(eq=False)
 class _LevelListener:
     key: Hashable
     fd: int
@@ -172,7 +193,12 @@ class Controller:
     _shrinkers: dict[Hashable, _Registration] = attrs.field(factory=dict, alias="shrinkers")
     _levels: dict[Hashable, _LevelListener] = attrs.field(factory=dict, alias="levels")
     _history: list[ShrinkRequest] = attrs.field(factory=list, alias="history")
-    _in_flight: list[tuple[float, int, int]] = attrs.field(factory=list, alias="in_flight")
+    #: Rounds of requests in flight, oldest first (see _Round).
+    _in_flight: list[_Round] = attrs.field(factory=list, alias="in_flight")
+    #: Seconds recent rounds took to show in the working set (or expired unshown).
+    _reclaim_times: deque[float] = attrs.field(
+        factory=lambda: deque(maxlen=32), alias="reclaim_times"
+    )
     # Rounds of asks one owner dominated, to judge (see _judge_rounds): (judge at, working set
     # when asked, bytes asked, owner); and the owners found to let a round down this episode.
     _rounds: deque[tuple[float, int, int, Hashable]] = attrs.field(
@@ -465,6 +491,8 @@ class Controller:
                 paid = min(reg.deficit, chunks)
                 reg.deficit -= paid
                 reg.count += chunks - paid
+                if self._in_flight:
+                    self._given_back(key, chunks * reg.chunk_size)
             else:
                 taken = min(reg.count, -chunks)
                 reg.count -= taken
@@ -567,7 +595,8 @@ class Controller:
             reg = self._shrinkers.get(key)
             if reg is None:
                 raise AbiError(f"no shrinker registered as {key!r}")
-            sent = self._signal(reg, min(chunks, reg.count), reason)
+            round_ = self._new_round()
+            sent = self._signal(reg, min(chunks, reg.count), reason, round_)
         self._run_hooks(sent)
         return sum(r.chunks for r in sent)
 
@@ -588,8 +617,9 @@ class Controller:
             asked = policy.share(nbytes, holdings, max_claim)
             sent: list[ShrinkRequest] = []
             by_owner: dict[Hashable, int] = {}
+            round_ = self._new_round()
             for reg, owner, chunks in zip(regs, owners, asked, strict=True):
-                done = self._signal(reg, chunks, reason)
+                done = self._signal(reg, chunks, reason, round_)
                 sent.extend(done)
                 if done:
                     by_owner[owner] = by_owner.get(owner, 0) + chunks * reg.chunk_size
@@ -634,7 +664,36 @@ class Controller:
             pending.append((judge_at, working_set_then, asked, owner))
         self._rounds = pending
 
-    def _signal(self, reg: _Registration, chunks: int, reason: str) -> list[ShrinkRequest]:
+    def _new_round(self) -> _Round:
+        # Called with the lock held; the round counts once something is asked in it.
+        now = time.monotonic()
+        if self._in_flight and self._in_flight[0].deadline <= now:
+            # Expired rounds go here too, not only on evaluate (explicit shrinks, a daemon's
+            # many shrinkers), so the list stays bounded.
+            self._in_flight = [each for each in self._in_flight if each.deadline > now]
+        wait = policy.grace(self._reclaim_times, self.config.grace, self.config.escalate_after)
+        return _Round(now, now + wait, self._last_working_set())
+
+    def _given_back(self, key: Hashable, nbytes: int) -> None:
+        # Called with the lock held: a shrinker asked in a round re-added chunks it could not
+        # free; that much of the round will not show.
+        for round_ in self._in_flight:
+            asked = round_.by_key.get(key, 0)
+            if asked <= 0 or nbytes <= 0:
+                continue
+            back = min(asked, nbytes)
+            round_.by_key[key] = asked - back
+            round_.readded += back
+            nbytes -= back
+
+    def current_grace(self) -> float:
+        """Seconds a request counts as in flight now (from the reclaim times measured)."""
+        with self._lock:
+            return policy.grace(self._reclaim_times, self.config.grace, self.config.escalate_after)
+
+    def _signal(
+        self, reg: _Registration, chunks: int, reason: str, round_: _Round
+    ) -> list[ShrinkRequest]:
         # Called with the lock held: the registration cannot be dropped (and its fd closed
         # and reused) while we write to it.
         if chunks <= 0:
@@ -654,13 +713,11 @@ class Controller:
         self._history.append(request)
         if len(self._history) > 10_000:
             del self._history[:5_000]
-        if self._in_flight and self._in_flight[0][0] <= now:
-            # Deadlines come in order: drop the expired ones here too, not only on evaluate
-            # (explicit shrinks, a daemon's many shrinkers), so the list stays bounded.
-            self._in_flight = [entry for entry in self._in_flight if entry[0] > now]
-        self._in_flight.append(
-            (now + self.config.grace, chunks * reg.chunk_size, self._last_working_set())
-        )
+        if round_.asked == 0:
+            self._in_flight.append(round_)
+        nbytes = chunks * reg.chunk_size
+        round_.asked += nbytes
+        round_.by_key[reg.key] = round_.by_key.get(reg.key, 0) + nbytes
         return [request]
 
     def _write_eventfd(self, key: Hashable, fd: int, value: int) -> None:
@@ -748,14 +805,34 @@ class Controller:
         # The reading a request is decided on (evaluate reads first); 0 before any reading.
         return self._last_state.working_set if self._last_state is not None else 0
 
-    def _in_flight_bytes(self, now: float, working_set: int) -> int:
-        # A request is in flight until its grace ends, or until the working set is seen below
-        # where it was when asked (the client acted). Over-asking costs some throughput;
-        # under-asking costs an OOM kill, so the grace is short.
-        self._in_flight = [
-            entry for entry in self._in_flight if entry[0] > now and working_set >= entry[2]
-        ]
-        return sum(entry[1] for entry in self._in_flight)
+    def _in_flight_bytes(self, read_at: float, working_set: int) -> int:
+        """Bytes asked and not shown yet, judged by a reading taken at ``read_at``.
+
+        Called with the lock held. A round goes down by what its shrinkers gave back and by the
+        drop of the working set since it was sent (credited once, oldest round first); it is
+        done when 90 % of it showed, over when its grace ended. A round sent after the reading
+        began cannot show in it. The time each round took to show is what the grace follows.
+        """
+        judged = [r for r in self._in_flight if r.sent_at <= read_at]
+        drop = judged[0].base - working_set if judged else 0
+        left = policy.credit_drop([r.outstanding for r in judged], drop)
+        remaining = dict(zip(map(id, judged), left, strict=True))
+        keep: list[_Round] = []
+        total = 0
+        for round_ in self._in_flight:
+            out = remaining.get(id(round_), round_.outstanding)
+            judged_now = id(round_) in remaining
+            if judged_now and out * 10 <= round_.asked:
+                self._reclaim_times.append(read_at - round_.sent_at)
+                continue
+            if round_.deadline <= read_at:
+                # Unshown within its grace: the grace was too short for this client.
+                self._reclaim_times.append(read_at - round_.sent_at)
+                continue
+            keep.append(round_)
+            total += out
+        self._in_flight = keep
+        return total
 
     def evaluate(self, reason: str = "watermark") -> MemoryState | None:
         """Read memory now and ask for what must go; escalate if earlier asks did not help."""
@@ -769,6 +846,8 @@ class Controller:
             self._switch_memory()
         if self.memory is None:
             return None
+        # Taken before the reading: a request sent while it was being read cannot show in it.
+        read_at = time.monotonic()
         state = self.memory.read()
         self._grown_since_read = 0
         self._last_state = state
@@ -778,7 +857,7 @@ class Controller:
             return state
         now = time.monotonic()
         with self._lock:
-            in_flight = self._in_flight_bytes(now, state.working_set)
+            in_flight = self._in_flight_bytes(read_at, state.working_set)
             self._judge_rounds(now, state.working_set)
             if state.working_set < marks.low:
                 self._distrusted.clear()

@@ -124,6 +124,39 @@ def bytes_to_free(working_set: int, marks: Watermarks, in_flight: int = 0) -> in
     return max(0, working_set - marks.low - in_flight)
 
 
+def credit_drop(outstanding: Sequence[int], drop: int) -> list[int]:
+    """What is still outstanding of each round of requests, oldest first, after ``drop`` bytes
+    of working set went away since the oldest was sent.
+
+    The drop is credited once, oldest round first (the order clients work through them), each
+    round taking at most what it still has outstanding: a dip of 1 MiB settles 1 MiB of
+    requests, not every request in flight.
+    """
+    left = max(0, drop)
+    after = []
+    for each in outstanding:
+        credited = min(max(0, each), left)
+        left -= credited
+        after.append(max(0, each) - credited)
+    return after
+
+
+def grace(reclaim_times: Sequence[float], shortest: float, longest: float) -> float:
+    """Seconds a request counts as in flight: twice the median time requests took to show in
+    the working set (the latest measured), within ``[shortest, longest]``.
+
+    A request that has not shown by then is asked again (if memory is still above the high
+    watermark); too short a grace asks twice for the same memory, too long a one waits while
+    a client that cannot free more holds the episode up.
+    """
+    if not reclaim_times:
+        return shortest
+    ordered = sorted(reclaim_times)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return min(longest, max(shortest, 2 * median))
+
+
 def poll_interval(
     working_set: int,
     marks: Watermarks,
