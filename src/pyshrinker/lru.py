@@ -67,6 +67,8 @@ DEFAULT_CHUNK_SIZE = 4096
 TRIM_AFTER_BYTES = 1 << 20
 
 _MISSING: Any = object()
+#: The smallest C ``Py_ssize_t``.
+_SSIZE_MIN = -sys.maxsize - 1
 
 
 @attrs.frozen
@@ -155,8 +157,7 @@ class _Registered(_Base):
         )
         self._finalizer = weakref.finalize(self, self._shrinker.close)
         self._finalizer.atexit = False
-        self._sync_lo = -1
-        self._sync_hi = batch_bytes
+        self._set_sync_window(0)
 
     # ---------------------------------------------------------------- public
 
@@ -211,12 +212,17 @@ class _Registered(_Base):
 
     # ---------------------------------------------------------------- hooks and reclaim
 
+    def _set_sync_window(self, total: int) -> None:
+        # The C core calls _sync() once currsize leaves [lo, hi]. The bounds are C integers:
+        # clamped, a currsize near sys.maxsize still has a window (and never overflows it).
+        self._sync_lo = max(total - self._batch_bytes, _SSIZE_MIN)
+        self._sync_hi = min(total + self._batch_bytes, sys.maxsize)
+
     def _sync(self) -> None:
         """Report the chunk count (the C core calls this once currsize left its window)."""
         with self._report_lock:
             total = self._total
-            self._sync_lo = total - self._batch_bytes
-            self._sync_hi = total + self._batch_bytes
+            self._set_sync_window(total)
             if self._closed or self._detached:
                 return
             chunks = -(-total // self._chunk_size)
@@ -249,8 +255,7 @@ class _Registered(_Base):
             )
             self._evicted_on_request += entries
             total = self._total
-            self._sync_lo = total - self._batch_bytes
-            self._sync_hi = total + self._batch_bytes
+            self._set_sync_window(total)
             chunks = -(-total // self._chunk_size)
             # The shrinker ends at (what we had reported) - freed: make that what we hold.
             freed = self._reported - chunks
