@@ -474,11 +474,13 @@ class ShrinkableCachedFunction(_Registered, LRUFunction, Generic[R]):
     ) -> None:
         if getsizeof is not None and not callable(getsizeof):
             raise TypeError(f"getsizeof must be callable, got {getsizeof!r}")
+        # update_wrapper copies the wrapped function's __dict__ into ours: for a cached function
+        # wrapped again, that is its own settings. Copy first, then set ours over them.
+        functools.update_wrapper(self, user_function)
         self._maxsize = maxsize
         self._typed = bool(typed)
         self._configure(-1, -1 if maxsize is None else maxsize, getsizeof, False)
         self._set_function(user_function, self._typed)
-        functools.update_wrapper(self, user_function)
         qualname = getattr(user_function, "__qualname__", repr(user_function))
         self._qualname = qualname
         self._register(
