@@ -502,8 +502,10 @@ class ShrinkableCachedFunction(_Registered, LRUFunction, Generic[R]):
 
     def cache_clear(self) -> None:
         """Remove every entry and zero the statistics."""
-        self._clear()
+        # Statistics first, as functools does: the release of the entries runs finalizers,
+        # and calls they make count after the clear.
         self._reset_stats()
+        self._clear()
 
     def cache_parameters(self) -> dict[str, Any]:
         """``{"maxsize": ..., "typed": ...}``, as ``functools.lru_cache`` reports."""
