@@ -25,3 +25,9 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# The LRU caches' CI stages (scripts/lru_ci.sh, run by scripts/test.sh, which asks for them with
+# PYSHRINKER_SETUP_LRU_CI=1): python3.11-dbg through apt and a venv per CPython in .venvs/.
+if [[ ${PYSHRINKER_SETUP_LRU_CI:-} == 1 ]]; then
+    bash scripts/lru_ci.sh setup
+fi

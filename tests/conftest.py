@@ -50,3 +50,11 @@ def require_psi() -> str:
     """The system PSI memory file, required."""
     need(psi_available(), "needs PSI (/proc/pressure/memory)")
     return "/proc/pressure/memory"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a real-kernel fixture are kernel tests, marked so or not (-m "not kernel")."""
+    for item in items:
+        if {"v1_group", "require_psi"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)
