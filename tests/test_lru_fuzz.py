@@ -281,18 +281,16 @@ class MappingMachine(_Machine):
 
     # ------------------------------------------------------------- operations
 
+    def _handing(self, size: int, use: Callable[[HValue], Any]) -> tuple[int, Callable[[], Any]]:
+        """A new value's label, and an operation that hands it to ``use``, keeping no reference
+        (so that the cache's release of it runs its __del__ inside the operation)."""
+        held = [self._value(size)]
+        number = held[0].label
+        return number, lambda: use(held.pop())
+
     @rule(k=s.key_labels, size=s.value_sizes, t=s.lru_traps)
     def set(self, k: int, size: int, t: Trap | None) -> None:
-        value = self._value(size)
-        number = value.label
-
-        def impl() -> None:
-            nonlocal value
-            try:
-                self.cache[key(k)] = value
-            finally:
-                del value
-
+        number, impl = self._handing(size, lambda value: self.cache.__setitem__(key(k), value))
         self.run(t, impl, lambda **_: self.model.set(k, number, size))
 
     @rule(k=s.key_labels, t=s.lru_traps)
@@ -328,15 +326,7 @@ class MappingMachine(_Machine):
 
     @rule(k=s.key_labels, size=s.value_sizes, t=s.lru_traps)
     def setdefault(self, k: int, size: int, t: Trap | None) -> None:
-        value = self._value(size)
-        number = value.label
-
-        def impl() -> int:
-            nonlocal value
-            try:
-                return self.cache.setdefault(key(k), value).label
-            finally:
-                del value
+        number, impl = self._handing(size, lambda value: self.cache.setdefault(key(k), value).label)
 
         def model(meanwhile: Callable[[], object] | None = None, first: bool = False) -> int:
             return self.model.setdefault(k, number, size, meanwhile)
