@@ -329,6 +329,12 @@ class ShrinkableLRU(_Registered, LRUCore, MutableMapping[K, V]):
     ``values()``) works on a snapshot, least recently used first, without changing recency; it
     cannot be copied or pickled (it is a registration).
 
+    Failures: an operation that raises (``getsizeof`` raising or returning a negative or non-int
+    size, an unhashable key, a key's ``__eq__`` raising, ``OverflowError`` for a size that would
+    take ``currsize`` past ``sys.maxsize``) leaves the cache exactly as it was; ``currsize`` never
+    exceeds ``maxsize``, as evictions happen before the store. Keys' ``__hash__``/``__eq__``,
+    ``getsizeof``, ``on_evict`` and values' finalizers may use the cache themselves.
+
     In addition: the entries' sizes are reported to the controller as chunks of ``chunk_size``
     bytes, and a shrink request evicts least recently used entries until the requested chunks
     are freed. ``on_evict(key, value)`` is called for every entry evicted for ``maxsize`` or by
