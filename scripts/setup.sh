@@ -33,3 +33,9 @@ fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 # virtme-ng boots the test guest (scripts/vm-test.sh); a test tool, not a dependency.
 [[ -x .venv/bin/vng ]] || .venv/bin/python -m pip install -q virtme-ng
+
+# The LRU caches' CI stages (scripts/lru_ci.sh, run by scripts/test.sh, which asks for them with
+# PYSHRINKER_SETUP_LRU_CI=1): python3.11-dbg through apt and a venv per CPython in .venvs/.
+if [[ ${PYSHRINKER_SETUP_LRU_CI:-} == 1 ]]; then
+    bash scripts/lru_ci.sh setup
+fi

@@ -8,6 +8,7 @@
 # test that no stage can run does not pass unnoticed (tests/kernel_features.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYSHRINKER_SETUP_LRU_CI=1  # setup.sh: what scripts/lru_ci.sh needs, too
 bash scripts/setup.sh
 export PYSHRINKER_REQUIRE_KERNEL="${PYSHRINKER_REQUIRE_KERNEL:-1}"
 .venv/bin/python -m ruff check src tests examples benchmarks
@@ -20,7 +21,18 @@ guest=0
 start=$SECONDS
 PYSHRINKER_OUTCOMES="$outcomes/guest.json" bash scripts/vm-test.sh "$@" || guest=$?
 echo "test.sh: cgroup v2 guest stage: exit status $guest, $((SECONDS - start)) s"
+# The LRU caches' stages (not when given pytest arguments): the tests on every other CPython
+# >= 3.10, the whole suite under python3.11-dbg (its outcomes count like a stage's: the
+# reference-count checks run only there), a leak check, ASan+UBSan and the fuzz.
+lru=0
+others="$outcomes/guest.json"
+if (($# == 0)); then
+    start=$SECONDS
+    PYSHRINKER_DEBUG_OUTCOMES="$outcomes/debug.json" bash scripts/lru_ci.sh || lru=$?
+    echo "test.sh: LRU stages: exit status $lru, $((SECONDS - start)) s"
+    others="$others,$outcomes/debug.json"
+fi
 host=0
-PYSHRINKER_OUTCOMES="$outcomes/host.json" PYSHRINKER_OTHER_OUTCOMES="$outcomes/guest.json" \
+PYSHRINKER_OUTCOMES="$outcomes/host.json" PYSHRINKER_OTHER_OUTCOMES="$others" \
     .venv/bin/python -m pytest -m "not v2 and not vm" "$@" || host=$?
-exit $((host ? host : guest))
+exit $((host ? host : guest ? guest : lru))

@@ -146,3 +146,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a real-kernel fixture are kernel tests, marked so or not (-m "not kernel")."""
+    for item in items:
+        if {"v1_group", "require_psi"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)

@@ -288,6 +288,33 @@ class TestWrapperLikeFunctools:
         assert wrapped.__module__ == __name__
         assert wrapped.custom == "attribute"
 
+    def test_stacked(self, lru_cache):
+        """A cached function cached again reports its own settings, not the inner one's.
+
+        update_wrapper copies the inner wrapper's __dict__ into the outer: it must not carry
+        the inner's settings with it (issue 8: the outer said maxsize=2 with currsize=3).
+        """
+
+        def ident(x: int) -> int:
+            return x
+
+        inner = lru_cache(maxsize=2)(ident)
+        outer = lru_cache(maxsize=3, typed=True)(inner)
+        for i in range(3):
+            assert outer(i) == i
+        assert outer(2) == 2
+        assert outer.cache_info() == (1, 3, 3, 3)
+        assert inner.cache_info() == (0, 3, 2, 2)
+        assert inner.cache_parameters() == {"maxsize": 2, "typed": False}
+        assert outer.__wrapped__ is inner
+        if isinstance(outer, ShrinkableCachedFunction):
+            # functools itself gets this one wrong: its cache_parameters is a function in the
+            # wrapper's __dict__, which update_wrapper overwrites with the inner one's.
+            assert outer.cache_parameters() == {"maxsize": 3, "typed": True}
+            assert outer.shrinker is not inner.shrinker
+            assert outer.stats().entries == 3
+            assert inner.stats().entries == 2
+
     def test_methods(self, lru_cache):
         """On a method, one cache serves all instances; self is part of the key."""
 

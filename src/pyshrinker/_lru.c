@@ -5,28 +5,46 @@
  * keeps sizes on every set cannot come near cachetools.LRUCache's speed times 0.55, because even a
  * plain OrderedDict LRU with no lock and no sizes is at 0.55-0.65 of it: the Python frame of
  * get() alone costs more than the whole budget. So the hot paths (get, [], []=, del, in, len, and
- * a cached function's call) are C, in the manner of functools.lru_cache's own C implementation,
- * and everything that is rare (reporting chunks to the controller, notifying evictions, reclaim
- * bookkeeping) stays in Python (pyshrinker.lru), called from here through two hook methods.
+ * a cached function's call) are C, in the manner of functools.lru_cache's own C implementation
+ * (CPython's Modules/_functoolsmodule.c), and everything that is rare (reporting chunks to the
+ * controller, notifying evictions, reclaim bookkeeping) stays in Python (pyshrinker.lru), called
+ * from here through two hook methods.
  *
- * Structure. A dict maps each key to a Node; nodes form a circular doubly-linked list through a
- * sentinel (root), least recently used first. Each node carries the value, the key's hash and the
- * entry's size; the object keeps the sum of sizes (total) and the count of linked nodes.
- * Reference ownership follows functools: the dict holds one reference to a node and the list holds
- * another, so clearing the dict (which the GC may do first) never leaves the list dangling.
+ * Structure. Each entry is a Node (a plain C struct, not a Python object) holding the key, the
+ * value, the key's hash and the entry's size. Nodes form a circular doubly-linked list through a
+ * sentinel (root), least recently used first, and an index finds them by key: an open-addressing
+ * table of (hash, node) slots probed as CPython's dict probes. The object keeps the sum of the
+ * sizes (total) and the number of nodes (linked). A node is in the index exactly when it is in
+ * the list: both change together, with no Python code in between.
  *
- * Thread safety. Every operation runs under the GIL, and between two calls out to Python code the
- * structure is always consistent. Python code can run in only these places: a key's __hash__ or
- * __eq__ inside a dict operation, the user's getsizeof, the hooks, the cached function itself, and
- * the release of references (a value's __del__). Another thread may run at any of those points.
- * The rules that keep that safe:
- *   - every dict value is a linked node ("dict => linked"): a node is linked right after it is
- *     stored in the dict, with no Python code in between, and it is unlinked only after its dict
- *     entry is gone;
- *   - a node found linked but no longer in the dict (an "orphan", possible only when another
- *     thread stored the same key during one of our dict calls) is simply unlinked when evicted;
- *   - references are released only at the end of an operation (the Evicted list), when the
- *     structure is consistent again; hooks are called at the end too.
+ * Why an index of our own and not a dict (functools uses a dict). Removing an entry from a dict
+ * means looking its key up again: the public API (3.13 removed the known-hash calls) hashes the key
+ * again, and every lookup may call the __eq__ of keys whose hash collides. So an eviction, which
+ * must happen when a shrink request arrives, would run user code that can raise, re-enter the
+ * cache or see a hash that changed; and the dict cannot say which node a deletion removed, so a
+ * node could stay in the list after its key left the dict (len and iteration disagreeing). Our
+ * index remembers each node's slot and its hash: removing a node runs no Python code and cannot
+ * fail, and a key's __hash__ is called once per operation at most.
+ *
+ * Where Python code runs, and the rules that make it safe. Python code (and so another thread,
+ * which can take the GIL there) runs only at these points: a key's __hash__ and __eq__, the
+ * user's getsizeof, the cached function, the hooks (_sync, _evicted), the release of references
+ * (a key's or value's __del__), and, on 3.10 and 3.11, any allocation of a GC-tracked object
+ * (a tuple, a list), which may run a collection and so finalizers. The rules:
+ *   - an operation does all that may run Python code or fail first (size, hash, lookup), and
+ *     changes nothing until then; from its first change to its last it runs no Python code,
+ *     allocates no GC-tracked object and cannot fail. So a failed operation leaves the cache
+ *     exactly as it was, and every reentrant call sees a consistent cache;
+ *   - a lookup that called __eq__ checks that the index did not change meanwhile (version), and
+ *     starts again if it did, as dict lookups do;
+ *   - nodes an operation takes out go on a private chain (Taken) and are released at its very
+ *     end, after the hooks, with any pending exception saved around the release;
+ *   - evictions for maxsize happen before the new entry is stored, so the cache never holds more
+ *     than maxsize, not even for a moment;
+ *   - every sum of sizes is checked: what cannot be summed is refused before anything changes.
+ *
+ * Deallocation saves and restores a pending exception (values' finalizers run inside it) and
+ * never clears one it did not raise.
  *
  * On a free-threaded build this module does not declare itself GIL-free, so importing it turns the
  * GIL back on.
@@ -36,11 +54,6 @@
 #include <Python.h>
 #include <structmember.h>
 
-#if PY_VERSION_HEX < 0x030D0000
-/* Known-hash dict calls avoid hashing (and a Python __hash__) again; public until 3.12. */
-#define LRU_KNOWN_HASH 1
-#endif
-
 static PyObject *sys_getsizeof;   /* sys.getsizeof */
 static PyObject *closed_error;    /* pyshrinker.errors.ClosedError */
 static PyObject *kwd_mark;        /* separates positional and keyword arguments in call keys */
@@ -48,44 +61,91 @@ static PyObject *str_missing;     /* "__missing__" */
 static PyObject *str_sync;        /* "_sync" */
 static PyObject *str_evicted;     /* "_evicted" */
 
+/* ---------------------------------------------------------------------- pending exceptions */
+
+/* Saving and restoring the exception being raised, around code that must run without one. */
+#if PY_VERSION_HEX >= 0x030C0000
+typedef struct {
+    PyObject *exc;
+} SavedError;
+
+static inline void
+save_error(SavedError *saved)
+{
+    saved->exc = PyErr_GetRaisedException();
+}
+
+static inline void
+restore_error(SavedError *saved)
+{
+    if (saved->exc != NULL) {
+        PyErr_SetRaisedException(saved->exc);
+    }
+}
+#else
+typedef struct {
+    PyObject *type, *value, *traceback;
+} SavedError;
+
+static inline void
+save_error(SavedError *saved)
+{
+    PyErr_Fetch(&saved->type, &saved->value, &saved->traceback);
+}
+
+static inline void
+restore_error(SavedError *saved)
+{
+    if (saved->type != NULL) {
+        PyErr_Restore(saved->type, saved->value, saved->traceback);
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------ nodes */
 
 typedef struct Node {
-    PyObject_HEAD
-    struct Node *prev; /* NULL when not linked */
-    struct Node *next;
+    struct Node *prev; /* NULL once taken out of the list */
+    struct Node *next; /* once taken out: the next node of the Taken chain */
     PyObject *key;
     PyObject *value;
     Py_hash_t hash;
     Py_ssize_t size;
+    size_t slot; /* where the index holds it */
 } Node;
 
+/* Free a node taken out of the structure (may run arbitrary code: call it last). */
 static void
-node_dealloc(Node *self)
+node_free(Node *n)
 {
-    Py_XDECREF(self->key);
-    Py_XDECREF(self->value);
-    PyObject_Free(self);
+    PyObject *key = n->key, *value = n->value;
+    PyMem_Free(n);
+    Py_DECREF(key);
+    Py_DECREF(value);
 }
-
-static PyTypeObject NodeType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "pyshrinker._lru._Node",
-    .tp_basicsize = sizeof(Node),
-    .tp_dealloc = (destructor)node_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-};
 
 /* ------------------------------------------------------------------------------------ object */
 
 typedef struct {
+    Py_hash_t hash;
+    Node *node; /* NULL: never used; TOMBSTONE: its node was removed */
+} Slot;
+
+static Node tombstone;
+#define TOMBSTONE (&tombstone)
+#define INDEX_MIN 8
+
+typedef struct {
     PyObject_HEAD
-    PyObject *dict;          /* key -> Node */
     Node root;               /* sentinel: root.next is the LRU node, root.prev the MRU node */
-    Py_ssize_t total;        /* sum of the sizes of linked nodes */
-    Py_ssize_t linked;       /* linked nodes */
+    Slot *slots;             /* the index: mask + 1 slots, at most 2/3 of them filled */
+    size_t mask;
+    Py_ssize_t filled;       /* slots holding a node or a tombstone */
+    size_t version;          /* changes whenever the index does */
+    Py_ssize_t total;        /* sum of the sizes of the nodes */
+    Py_ssize_t linked;       /* nodes */
     Py_ssize_t max_total;    /* cap on total, -1 for none */
-    Py_ssize_t max_entries;  /* cap on linked nodes, -1 for none */
+    Py_ssize_t max_entries;  /* cap on nodes, -1 for none */
     PyObject *getsizeof;     /* NULL: sys.getsizeof (with a fast path for exact bytes) */
     Py_ssize_t sync_lo;      /* call self._sync() when total < sync_lo or total > sync_hi */
     Py_ssize_t sync_hi;
@@ -105,6 +165,8 @@ typedef struct {
 static PyTypeObject BaseType;
 static PyTypeObject CoreType;
 static PyTypeObject FuncType;
+
+/* ----------------------------------------------------------------------- the order list */
 
 static inline void
 link_mru(Core *c, Node *n)
@@ -134,219 +196,278 @@ move_mru(Core *c, Node *n)
     }
 }
 
-/* Borrowed node for key, or NULL (error set, or a miss). */
-static inline Node *
-dict_lookup(Core *c, PyObject *key, Py_hash_t hash)
-{
-#ifdef LRU_KNOWN_HASH
-    return (Node *)_PyDict_GetItem_KnownHash(c->dict, key, hash);
-#else
-    (void)hash;
-    return (Node *)PyDict_GetItemWithError(c->dict, key);
-#endif
-}
+/* ----------------------------------------------------------------------------- the index */
 
-static inline int
-dict_store(Core *c, PyObject *key, Py_hash_t hash, Node *n)
-{
-#ifdef LRU_KNOWN_HASH
-    return _PyDict_SetItem_KnownHash(c->dict, key, (PyObject *)n, hash);
-#else
-    (void)hash;
-    return PyDict_SetItem(c->dict, key, (PyObject *)n);
-#endif
-}
+/* The probe sequence of CPython's dict: every slot is reached, for any hash. */
+#define PROBE_START(c, hash, i, perturb) \
+    do { (perturb) = (size_t)(hash); (i) = (size_t)(hash) & (c)->mask; } while (0)
+#define PROBE_NEXT(c, i, perturb) \
+    do { (perturb) >>= 5; (i) = ((i) * 5 + (perturb) + 1) & (c)->mask; } while (0)
 
-static inline int
-dict_remove(Core *c, PyObject *key, Py_hash_t hash)
+/* Put n in a free slot of its probe sequence. Runs no Python code; room must be reserved. */
+static void
+index_put(Core *c, Node *n)
 {
-#ifdef LRU_KNOWN_HASH
-    return _PyDict_DelItem_KnownHash(c->dict, key, hash);
-#else
-    (void)hash;
-    return PyDict_DelItem(c->dict, key);
-#endif
+    size_t i, perturb;
+    PROBE_START(c, n->hash, i, perturb);
+    while (c->slots[i].node != NULL && c->slots[i].node != TOMBSTONE) {
+        PROBE_NEXT(c, i, perturb);
+    }
+    if (c->slots[i].node == NULL) {
+        c->filled++;
+    }
+    c->slots[i].hash = n->hash;
+    c->slots[i].node = n;
+    n->slot = i;
+    c->version++;
 }
-
-/* Nodes taken out of the structure during one operation, released at its end. */
-typedef struct {
-    Node **items;
-    Py_ssize_t len;
-    Py_ssize_t cap;
-    Node *small[16];
-} Evicted;
 
 static inline void
-evicted_init(Evicted *ev)
+index_remove(Core *c, Node *n)
 {
-    ev->items = ev->small;
-    ev->len = 0;
-    ev->cap = 16;
+    c->slots[n->slot].node = TOMBSTONE;
+    c->version++;
 }
 
+/*
+ * Rebuild the index with room for `entries` nodes (a third of its slots). Returns 0, or -1
+ * when memory is short (no exception set; the index is unchanged). Runs no Python code.
+ */
 static int
-evicted_push(Evicted *ev, Node *n)
+index_rebuild(Core *c, Py_ssize_t entries)
 {
-    if (ev->len == ev->cap) {
-        Py_ssize_t cap = ev->cap * 2;
-        Node **items;
-        if (ev->items == ev->small) {
-            items = PyMem_Malloc(cap * sizeof(Node *));
-            if (items != NULL) {
-                memcpy(items, ev->small, ev->len * sizeof(Node *));
-            }
-        }
-        else {
-            items = PyMem_Realloc(ev->items, cap * sizeof(Node *));
-        }
-        if (items == NULL) {
-            PyErr_NoMemory();
+    size_t size = INDEX_MIN;
+    while (size / 3 < (size_t)entries) {
+        if (size > PY_SSIZE_T_MAX / (2 * sizeof(Slot))) {
             return -1;
         }
-        ev->items = items;
-        ev->cap = cap;
+        size <<= 1;
     }
-    ev->items[ev->len++] = n;
+    Slot *slots = PyMem_Calloc(size, sizeof(Slot));
+    if (slots == NULL) {
+        return -1;
+    }
+    PyMem_Free(c->slots);
+    c->slots = slots;
+    c->mask = size - 1;
+    c->filled = 0;
+    for (Node *n = c->root.next; n != &c->root; n = n->next) {
+        index_put(c, n);
+    }
+    c->version++;
     return 0;
 }
 
-/* Release the nodes (this may run arbitrary code: do it last). */
-static void
-evicted_release(Evicted *ev)
+/* Make room for one more node (-1 with MemoryError set). Runs no Python code. */
+static inline int
+index_reserve(Core *c)
 {
-    for (Py_ssize_t i = 0; i < ev->len; i++) {
-        Py_DECREF(ev->items[i]);
+    if ((size_t)(c->filled + 1) * 3 <= (c->mask + 1) * 2) {
+        return 0;
     }
-    if (ev->items != ev->small) {
-        PyMem_Free(ev->items);
+    if (index_rebuild(c, c->linked + 1) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
-    ev->items = ev->small;
-    ev->len = 0;
-    ev->cap = 16;
+    return 0;
 }
 
-/* A list of (key, value) tuples for the evicted nodes, or NULL with an error set. */
-static PyObject *
-evicted_pairs(Evicted *ev)
+/* Give back most of an index that has become mostly empty; quietly keeps it if memory is short. */
+static inline void
+index_maybe_shrink(Core *c)
 {
-    PyObject *pairs = PyList_New(ev->len);
+    if (c->mask + 1 > INDEX_MIN && (size_t)c->linked * 8 < c->mask + 1) {
+        (void)index_rebuild(c, c->linked);
+    }
+}
+
+/*
+ * The node whose key equals key, or NULL: *found. Returns 0, or -1 with an error set (a key's
+ * __eq__ raised). The stored key is compared first, as dict does: stored == key. An __eq__ may
+ * run any code, this cache included: if the index changed meanwhile, the lookup starts again.
+ */
+static int
+index_find(Core *c, PyObject *key, Py_hash_t hash, Node **found)
+{
+    size_t i, perturb;
+restart:
+    PROBE_START(c, hash, i, perturb);
+    for (;;) {
+        Slot *slot = &c->slots[i];
+        Node *n = slot->node;
+        if (n == NULL) {
+            *found = NULL;
+            return 0;
+        }
+        if (n != TOMBSTONE && slot->hash == hash) {
+            if (n->key == key) {
+                *found = n;
+                return 0;
+            }
+            size_t version = c->version;
+            PyObject *stored = Py_NewRef(n->key);
+            int eq = PyObject_RichCompareBool(stored, key, Py_EQ);
+            Py_DECREF(stored);
+            if (eq < 0) {
+                return -1;
+            }
+            if (c->version != version) {
+                goto restart;
+            }
+            if (eq) {
+                *found = n;
+                return 0;
+            }
+        }
+        PROBE_NEXT(c, i, perturb);
+    }
+}
+
+/* ------------------------------------------------------------------- taking nodes out */
+
+/* Nodes taken out during one operation, released at its end. */
+typedef struct {
+    Node *head; /* the last taken; chained through next */
+    Py_ssize_t count;
+} Taken;
+
+#define TAKEN_INIT {NULL, 0}
+
+/* Take node n out of the index and the list. Runs no Python code and cannot fail. */
+static void
+take_out(Core *c, Node *n, Taken *taken)
+{
+    index_remove(c, n);
+    unlink_node(n);
+    c->total -= n->size;
+    c->linked--;
+    n->next = taken->head;
+    taken->head = n;
+    taken->count++;
+}
+
+/*
+ * Release the taken nodes, and old (a replaced value, or NULL). This runs finalizers: any code
+ * at all. A pending exception is kept aside meanwhile, so that the code runs as Python code must,
+ * with none set, and the exception is the one still pending afterwards.
+ */
+static void
+release(Taken *taken, PyObject *old)
+{
+    Node *n = taken->head;
+    taken->head = NULL;
+    taken->count = 0;
+    if (n == NULL && old == NULL) {
+        return;
+    }
+    SavedError saved;
+    save_error(&saved);
+    while (n != NULL) {
+        Node *next = n->next;
+        node_free(n);
+        n = next;
+    }
+    Py_XDECREF(old);
+    restore_error(&saved);
+}
+
+/* A list of (key, value) tuples for the taken nodes, first taken first; NULL with an error. */
+static PyObject *
+taken_pairs(Taken *taken)
+{
+    PyObject *pairs = PyList_New(taken->count);
     if (pairs == NULL) {
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < ev->len; i++) {
-        PyObject *pair = PyTuple_Pack(2, ev->items[i]->key, ev->items[i]->value);
+    Py_ssize_t i = taken->count;
+    for (Node *n = taken->head; n != NULL; n = n->next) {
+        PyObject *pair = PyTuple_Pack(2, n->key, n->value);
         if (pair == NULL) {
             Py_DECREF(pairs);
             return NULL;
         }
-        PyList_SET_ITEM(pairs, i, pair);
+        PyList_SET_ITEM(pairs, --i, pair);
     }
     return pairs;
 }
 
-/*
- * Take linked node n out of the dict and the list. On success the caller owns one reference to
- * n (to release at the end of its operation). Returns 0, or -1 with an error set and n untouched.
- */
-static int
-core_detach(Core *c, Node *n)
+/* Take out every node: the index and the list are empty after it. No Python code, no failure. */
+static void
+take_all(Core *c, Taken *taken)
 {
-    Py_INCREF(n);
-    Node *current = dict_lookup(c, n->key, n->hash);
-    if (current == NULL && PyErr_Occurred()) {
-        Py_DECREF(n); /* still referenced by the list: nothing is freed */
-        return -1;
+    Node *n = c->root.next;
+    while (n != &c->root) {
+        Node *next = n->next;
+        n->prev = NULL;
+        n->next = taken->head;
+        taken->head = n;
+        taken->count++;
+        n = next;
     }
-    if (current == n) {
-        if (dict_remove(c, n->key, n->hash) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
-                Py_DECREF(n);
-                return -1;
-            }
-            PyErr_Clear(); /* removed by another thread meanwhile */
-        }
+    c->root.next = &c->root;
+    c->root.prev = &c->root;
+    c->total = 0;
+    c->linked = 0;
+    if (c->slots != NULL) {
+        memset(c->slots, 0, (c->mask + 1) * sizeof(Slot));
     }
-    if (n->prev != NULL) {
-        unlink_node(n);
-        c->total -= n->size;
-        c->linked--;
-        Py_DECREF(n); /* the list's reference; ours keeps it alive */
-    }
-    return 0;
-}
-
-/* Evict least recently used nodes (never `keep`) until both caps hold. */
-static int
-core_enforce_caps(Core *c, Node *keep, Evicted *ev)
-{
-    for (;;) {
-        int over = (c->max_total >= 0 && c->total > c->max_total) ||
-                   (c->max_entries >= 0 && c->linked > c->max_entries);
-        if (!over) {
-            return 0;
-        }
-        Node *lru = c->root.next;
-        if (lru == &c->root || lru == keep) {
-            return 0;
-        }
-        if (core_detach(c, lru) < 0) {
-            return -1;
-        }
-        if (evicted_push(ev, lru) < 0) {
-            Py_DECREF(lru);
-            return -1;
-        }
-        c->evictions++;
-    }
+    c->filled = 0;
+    c->version++;
 }
 
 /*
- * Store value under key as the most recently used entry, then evict to the caps. *old receives
- * the value replaced (a reference for the caller to release), if any. With replace false, an
- * entry already under key is left as it is.
+ * End of an operation that changed the cache: give back index memory, call the hooks (sync if
+ * total left its window, then evicted if there are evictions to tell), then release what the
+ * operation took out. The change stands whatever happens here; returns 0, or -1 if a hook failed
+ * (its exception is the operation's).
  */
 static int
-core_store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size,
-           int replace, PyObject **old, Evicted *ev)
+finish(Core *c, PyObject *old, Taken *taken, int tell_evicted)
 {
-    Node *n = dict_lookup(c, key, hash);
-    if (n != NULL) {
-        if (!replace) {
-            return 0;
+    int rc = 0;
+    PyObject *pairs = NULL;
+    index_maybe_shrink(c);
+    if (tell_evicted && c->notify && taken->count > 0) {
+        pairs = taken_pairs(taken);
+        if (pairs == NULL) {
+            rc = -1;
         }
-        *old = n->value;
-        n->value = Py_NewRef(value);
-        c->total += size - n->size;
-        n->size = size;
-        move_mru(c, n);
-        return core_enforce_caps(c, n, ev);
     }
-    if (PyErr_Occurred()) {
-        return -1;
+    if (rc == 0 && (c->total < c->sync_lo || c->total > c->sync_hi)) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)c, str_sync);
+        if (r == NULL) {
+            rc = -1;
+        }
+        Py_XDECREF(r);
     }
-    n = PyObject_New(Node, &NodeType);
-    if (n == NULL) {
-        return -1;
+    if (rc == 0 && pairs != NULL) {
+        PyObject *r = PyObject_CallMethodOneArg((PyObject *)c, str_evicted, pairs);
+        if (r == NULL) {
+            rc = -1;
+        }
+        Py_XDECREF(r);
     }
-    n->prev = NULL;
-    n->next = NULL;
-    n->key = Py_NewRef(key);
-    n->value = Py_NewRef(value);
-    n->hash = hash;
-    n->size = size;
-    if (dict_store(c, key, hash, n) < 0) {
-        Py_DECREF(n);
-        return -1;
-    }
-    /* The dict took a reference; the one from PyObject_New is the list's. */
-    link_mru(c, n);
-    c->total += size;
-    c->linked++;
-    return core_enforce_caps(c, n, ev);
+    Py_XDECREF(pairs);
+    release(taken, old);
+    return rc;
 }
 
+/* ------------------------------------------------------------------------------ storing */
+
+/* The type's name without its module, as type(self).__name__ gives it. */
+static const char *
+short_name(PyObject *self)
+{
+    const char *name = Py_TYPE(self)->tp_name;
+    const char *dot = strrchr(name, '.');
+    return dot != NULL ? dot + 1 : name;
+}
+
+/*
+ * The size of value: getsizeof(value) as a non-negative Py_ssize_t, or -1 with an error set.
+ */
 static Py_ssize_t
-core_sizeof(Core *c, PyObject *value)
+value_size(Core *c, PyObject *value)
 {
     PyObject *result;
     if (c->getsizeof == NULL) {
@@ -363,55 +484,119 @@ core_sizeof(Core *c, PyObject *value)
         return -1;
     }
     Py_ssize_t size = PyNumber_AsSsize_t(result, PyExc_OverflowError);
-    Py_DECREF(result);
     if (size == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_OverflowError,
+                         "getsizeof returned %R: a size must be an int from 0 to sys.maxsize",
+                         result);
+        }
+        Py_DECREF(result);
         return -1;
     }
+    Py_DECREF(result);
     if (size < 0) {
-        PyErr_SetString(PyExc_ValueError, "value size must be non-negative");
+        PyErr_Format(PyExc_ValueError, "value size must be non-negative, got %zd", size);
         return -1;
     }
     return size;
 }
 
+enum { STORE_REPLACE, STORE_KEEP };
+
 /*
- * End of a mutating operation: call the hooks (sync if total left its window, then evicted if
- * asked for), then release what the operation took out. Returns rc, or -1 if a hook failed.
+ * Store value (of size bytes) under key (hashed to hash) as the most recently used entry,
+ * evicting least recently used entries first as the caps require. With STORE_KEEP, an entry
+ * already under key stays as it is, and *kept receives its value (a new reference).
+ *
+ * Returns 0 (stored or kept, or nothing done because the cache is closed and refuse_closed is
+ * false), or -1 with an error set and the cache unchanged. The only Python code it runs is the
+ * lookup's (a key's __eq__), before any change. On success, *old is the value replaced (to
+ * release), the nodes evicted are in taken, and the caller must call finish().
  */
 static int
-core_finish(Core *c, int rc, int hooks, PyObject *old, Evicted *ev, int notify_evicted)
+store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, int mode,
+      int refuse_closed, PyObject **kept, PyObject **old, Taken *taken)
 {
-    PyObject *pairs = NULL;
-    if (rc == 0 && notify_evicted && c->notify && ev->len > 0) {
-        pairs = evicted_pairs(ev);
-        if (pairs == NULL) {
-            rc = -1;
+    Node *n;
+    if (index_find(c, key, hash, &n) < 0) {
+        return -1;
+    }
+    /* No Python code from here on. */
+    if (c->closed) {
+        if (refuse_closed) {
+            PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
+            return -1;
+        }
+        return 0;
+    }
+    if (n != NULL && mode == STORE_KEEP) {
+        *kept = Py_NewRef(n->value);
+        return 0;
+    }
+    /* What the cache would hold besides the new entry. */
+    Py_ssize_t others = c->total - (n != NULL ? n->size : 0);
+    Py_ssize_t entries = c->linked + (n == NULL);
+    if (c->max_total < 0 && size > PY_SSIZE_T_MAX - others) {
+        PyErr_Format(PyExc_OverflowError,
+                     "cannot store a value of size %zd: the cache's size (%zd) would pass "
+                     "sys.maxsize",
+                     size, c->total);
+        return -1;
+    }
+    Node *fresh = NULL;
+    if (n == NULL) {
+        if (index_reserve(c) < 0) {
+            return -1;
+        }
+        fresh = PyMem_Malloc(sizeof(Node));
+        if (fresh == NULL) {
+            PyErr_NoMemory();
+            return -1;
         }
     }
-    if (rc == 0 && hooks && (c->total < c->sync_lo || c->total > c->sync_hi)) {
-        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)c, str_sync);
-        if (r == NULL) {
-            rc = -1;
+    /* Nothing fails from here on. Evict first: the cache never holds more than its caps. */
+    for (;;) {
+        int over = (c->max_total >= 0 && size > c->max_total - others) ||
+                   (c->max_entries >= 0 && entries > c->max_entries);
+        if (!over) {
+            break;
         }
-        Py_XDECREF(r);
-    }
-    if (rc == 0 && pairs != NULL) {
-        PyObject *r = PyObject_CallMethodOneArg((PyObject *)c, str_evicted, pairs);
-        if (r == NULL) {
-            rc = -1;
+        Node *lru = c->root.next;
+        if (lru == n) {
+            lru = lru->next;
         }
-        Py_XDECREF(r);
+        if (lru == &c->root) {
+            break; /* the new entry alone: callers checked that it fits */
+        }
+        others -= lru->size;
+        entries--;
+        take_out(c, lru, taken);
+        c->evictions++;
     }
-    Py_XDECREF(pairs);
-    Py_XDECREF(old);
-    evicted_release(ev);
-    return rc;
+    if (n != NULL) {
+        *old = n->value;
+        n->value = Py_NewRef(value);
+        c->total += size - n->size;
+        n->size = size;
+        move_mru(c, n);
+        return 0;
+    }
+    fresh->key = Py_NewRef(key);
+    fresh->value = Py_NewRef(value);
+    fresh->hash = hash;
+    fresh->size = size;
+    index_put(c, fresh);
+    link_mru(c, fresh);
+    c->total += size;
+    c->linked++;
+    return 0;
 }
 
+/* A KeyError(key), even when key is a tuple (PyErr_SetObject would unpack it). Returns NULL. */
 static PyObject *
-make_key_error(PyObject *key)
+set_key_error(PyObject *key)
 {
-    /* KeyError(key) even when key is a tuple (PyErr_SetObject would unpack it). */
     PyObject *exc = PyObject_CallOneArg(PyExc_KeyError, key);
     if (exc != NULL) {
         PyErr_SetObject(PyExc_KeyError, exc);
@@ -420,13 +605,38 @@ make_key_error(PyObject *key)
     return NULL;
 }
 
-/* The type's name without its module, as type(self).__name__ gives it. */
-static const char *
-short_name(PyObject *self)
+/*
+ * New references to every key and value, least recently used first, in a PyMem array of
+ * 2 * *count objects (key, value, key, value...). No Python code runs while the list is read.
+ * Returns NULL with MemoryError set (or NULL with *count == 0 for an empty cache).
+ */
+static PyObject **
+snapshot(Core *c, Py_ssize_t *count)
 {
-    const char *name = Py_TYPE(self)->tp_name;
-    const char *dot = strrchr(name, '.');
-    return dot != NULL ? dot + 1 : name;
+    *count = c->linked;
+    if (*count == 0) {
+        return NULL;
+    }
+    PyObject **items = PyMem_New(PyObject *, 2 * (size_t)*count);
+    if (items == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    for (Node *n = c->root.next; n != &c->root; n = n->next) {
+        items[i++] = Py_NewRef(n->key);
+        items[i++] = Py_NewRef(n->value);
+    }
+    return items;
+}
+
+static void
+snapshot_free(PyObject **items, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < 2 * count; i++) {
+        Py_DECREF(items[i]);
+    }
+    PyMem_Free(items);
 }
 
 /* --------------------------------------------------------------------- the shared base type */
@@ -440,13 +650,14 @@ base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (c == NULL) {
         return NULL;
     }
-    c->dict = PyDict_New();
-    if (c->dict == NULL) {
-        Py_DECREF(c);
-        return NULL;
-    }
     c->root.prev = &c->root;
     c->root.next = &c->root;
+    c->slots = PyMem_Calloc(INDEX_MIN, sizeof(Slot));
+    if (c->slots == NULL) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    c->mask = INDEX_MIN - 1;
     c->max_total = -1;
     c->max_entries = -1;
     c->sync_lo = PY_SSIZE_T_MIN;
@@ -454,46 +665,15 @@ base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)c;
 }
 
-/* Unlink every node, empty the dict; the nodes go to ev. */
-static int
-core_take_all(Core *c, Evicted *ev)
-{
-    int rc = 0;
-    Node *n = c->root.next;
-    /* Empty the structure first; the detached chain still ends at &c->root. */
-    c->root.next = &c->root;
-    c->root.prev = &c->root;
-    c->total = 0;
-    c->linked = 0;
-    while (n != &c->root) {
-        Node *next = n->next;
-        n->prev = NULL;
-        n->next = NULL;
-        if (rc == 0 && evicted_push(ev, n) < 0) {
-            rc = -1;
-        }
-        if (rc < 0) {
-            /* No room to keep it: drop the list's reference now. The dict still holds one
-               until it is cleared below, so nothing is freed here. */
-            Py_DECREF(n);
-        }
-        n = next;
-    }
-    if (c->dict != NULL) {
-        PyDict_Clear(c->dict);
-    }
-    return rc;
-}
-
 static int
 base_traverse(Core *c, visitproc visit, void *arg)
 {
-    /* Nodes are not GC-tracked: report their references as this object's. */
+    /* Nodes are not Python objects: their references are this object's. Nodes taken out by an
+       operation still running are not visited: the collector then just sees more references. */
     for (Node *n = c->root.next; n != NULL && n != &c->root; n = n->next) {
         Py_VISIT(n->key);
         Py_VISIT(n->value);
     }
-    Py_VISIT(c->dict);
     Py_VISIT(c->getsizeof);
     return 0;
 }
@@ -501,24 +681,26 @@ base_traverse(Core *c, visitproc visit, void *arg)
 static int
 base_clear(Core *c)
 {
-    Evicted ev;
-    evicted_init(&ev);
-    (void)core_take_all(c, &ev);
-    if (PyErr_Occurred()) {
-        PyErr_Clear();
-    }
+    Taken taken = TAKEN_INIT;
+    take_all(c, &taken);
     Py_CLEAR(c->getsizeof);
-    evicted_release(&ev);
+    release(&taken, NULL);
     return 0;
 }
 
 static void
 base_dealloc(Core *c)
 {
+    /* Values' finalizers run below: they must find no exception set, and the one pending now
+       (this object may be freed while an exception propagates) must still be pending after. */
+    SavedError saved;
+    save_error(&saved);
     PyObject_GC_UnTrack(c);
     base_clear(c);
-    Py_CLEAR(c->dict);
+    PyMem_Free(c->slots);
+    c->slots = NULL;
     Py_TYPE(c)->tp_free((PyObject *)c);
+    restore_error(&saved);
 }
 
 static PyObject *
@@ -533,6 +715,10 @@ base_configure(Core *c, PyObject *args)
     }
     if (getsizeof != Py_None && !PyCallable_Check(getsizeof)) {
         PyErr_SetString(PyExc_TypeError, "getsizeof must be callable or None");
+        return NULL;
+    }
+    if (c->linked > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "_configure() on a cache that holds entries");
         return NULL;
     }
     c->max_total = max_total < 0 ? -1 : max_total;
@@ -559,36 +745,25 @@ base_evict_chunks(Core *c, PyObject *args)
     Py_ssize_t keep = held > chunks ? held - chunks : 0;
     Py_ssize_t target = keep > PY_SSIZE_T_MAX / chunk_size ? PY_SSIZE_T_MAX : keep * chunk_size;
     Py_ssize_t before = c->total;
-    Evicted ev;
-    evicted_init(&ev);
-    int rc = 0;
+    Taken taken = TAKEN_INIT;
     while (c->total > target && c->root.next != &c->root) {
-        Node *lru = c->root.next;
-        if (core_detach(c, lru) < 0) {
-            rc = -1;
-            break;
-        }
-        if (evicted_push(&ev, lru) < 0) {
-            Py_DECREF(lru);
-            rc = -1;
-            break;
-        }
+        take_out(c, c->root.next, &taken);
     }
-    PyObject *pairs = NULL;
-    if (rc == 0 && collect) {
-        pairs = evicted_pairs(&ev);
-        if (pairs == NULL) {
-            rc = -1;
-        }
-    }
-    Py_ssize_t count = ev.len;
+    index_maybe_shrink(c);
+    Py_ssize_t count = taken.count;
     Py_ssize_t freed = before - c->total;
-    evicted_release(&ev);
-    if (rc < 0) {
-        return NULL;
+    /* The entries are gone whatever happens now: a failure to list them loses the on_evict
+       calls, and is raised after the release. */
+    PyObject *pairs = NULL;
+    if (collect && count > 0) {
+        pairs = taken_pairs(&taken);
     }
-    if (pairs == NULL) {
+    else {
         pairs = Py_NewRef(Py_None);
+    }
+    release(&taken, NULL);
+    if (pairs == NULL) {
+        return NULL;
     }
     return Py_BuildValue("nnN", count, freed, pairs);
 }
@@ -596,11 +771,9 @@ base_evict_chunks(Core *c, PyObject *args)
 static PyObject *
 base_clear_method(Core *c, PyObject *Py_UNUSED(ignored))
 {
-    Evicted ev;
-    evicted_init(&ev);
-    int rc = core_take_all(c, &ev);
-    rc = core_finish(c, rc, 1, NULL, &ev, 0);
-    if (rc < 0) {
+    Taken taken = TAKEN_INIT;
+    take_all(c, &taken);
+    if (finish(c, NULL, &taken, 0) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -609,19 +782,22 @@ base_clear_method(Core *c, PyObject *Py_UNUSED(ignored))
 static PyObject *
 base_items(Core *c, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = PyList_New(0);
-    if (list == NULL) {
+    Py_ssize_t count;
+    PyObject **items = snapshot(c, &count);
+    if (items == NULL && count > 0) {
         return NULL;
     }
-    /* PyTuple_Pack and PyList_Append allocate but run no Python code: the list cannot change. */
-    for (Node *n = c->root.next; n != &c->root; n = n->next) {
-        PyObject *pair = PyTuple_Pack(2, n->key, n->value);
-        if (pair == NULL || PyList_Append(list, pair) < 0) {
-            Py_XDECREF(pair);
-            Py_DECREF(list);
-            return NULL;
+    PyObject *list = PyList_New(count);
+    for (Py_ssize_t i = 0; list != NULL && i < count; i++) {
+        PyObject *pair = PyTuple_Pack(2, items[2 * i], items[2 * i + 1]);
+        if (pair == NULL) {
+            Py_CLEAR(list);
+            break;
         }
-        Py_DECREF(pair);
+        PyList_SET_ITEM(list, i, pair);
+    }
+    if (items != NULL) {
+        snapshot_free(items, count);
     }
     return list;
 }
@@ -629,7 +805,7 @@ base_items(Core *c, PyObject *Py_UNUSED(ignored))
 static PyObject *
 base_len(Core *c, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSsize_t(PyDict_GET_SIZE(c->dict));
+    return PyLong_FromSsize_t(c->linked);
 }
 
 static PyObject *
@@ -637,6 +813,54 @@ base_reset_stats(Core *c, PyObject *Py_UNUSED(ignored))
 {
     c->hits = 0;
     c->misses = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+base_check(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    /* For the tests: the invariants, checked from the C side. */
+    Py_ssize_t count = 0, total = 0, used = 0, filled = 0;
+    for (Node *n = c->root.next; n != &c->root; n = n->next) {
+        if (n->next->prev != n || n->prev->next != n) {
+            PyErr_SetString(PyExc_AssertionError, "order list broken");
+            return NULL;
+        }
+        if (n->slot > c->mask || c->slots[n->slot].node != n || c->slots[n->slot].hash != n->hash) {
+            PyErr_SetString(PyExc_AssertionError, "a node is not where the index says");
+            return NULL;
+        }
+        if (n->size < 0 || total > PY_SSIZE_T_MAX - n->size) {
+            PyErr_SetString(PyExc_AssertionError, "sizes do not sum");
+            return NULL;
+        }
+        total += n->size;
+        count++;
+    }
+    for (size_t i = 0; i <= c->mask; i++) {
+        if (c->slots[i].node != NULL) {
+            filled++;
+            if (c->slots[i].node != TOMBSTONE) {
+                used++;
+            }
+        }
+    }
+    if (count != c->linked || used != c->linked || filled != c->filled || total != c->total) {
+        PyErr_Format(PyExc_AssertionError,
+                     "counts disagree: %zd listed, %zd indexed, %zd linked; %zd filled of %zd "
+                     "counted; total %zd summed, %zd kept",
+                     count, used, c->linked, filled, c->filled, total, c->total);
+        return NULL;
+    }
+    if ((size_t)c->filled * 3 > (c->mask + 1) * 2) {
+        PyErr_SetString(PyExc_AssertionError, "index over two thirds full");
+        return NULL;
+    }
+    if ((c->max_total >= 0 && c->total > c->max_total) ||
+        (c->max_entries >= 0 && c->linked > c->max_entries)) {
+        PyErr_SetString(PyExc_AssertionError, "over a cap");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -653,6 +877,8 @@ static PyMethodDef base_methods[] = {
      "A list of (key, value) pairs, least recently used first; recency is not changed."},
     {"_len", (PyCFunction)base_len, METH_NOARGS, "The number of entries."},
     {"_reset_stats", (PyCFunction)base_reset_stats, METH_NOARGS, "Zero the hit and miss counts."},
+    {"_check", (PyCFunction)base_check, METH_NOARGS,
+     "Check the structure's invariants (for tests); raises AssertionError if one fails."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -674,7 +900,7 @@ static PyMemberDef base_members[] = {
 static PyTypeObject BaseType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pyshrinker._lru._Base",
-    .tp_doc = "Entries with sizes in a dict and an LRU list; the machinery both front ends share.",
+    .tp_doc = "Sized entries in an LRU list and an index; the machinery both front ends share.",
     .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = base_new,
@@ -687,47 +913,47 @@ static PyTypeObject BaseType = {
 
 /* ------------------------------------------------------------------------ the mapping type */
 
+/* The node under key (NULL: absent), or -1 with an error set: hashes and looks up. */
+static inline int
+find_key(Core *c, PyObject *key, Node **found)
+{
+    Py_hash_t hash = PyObject_Hash(key);
+    if (hash == -1) {
+        return -1;
+    }
+    return index_find(c, key, hash, found);
+}
+
 static PyObject *
 core_subscript(Core *c, PyObject *key)
 {
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
+        return NULL;
+    }
     if (n != NULL) {
         move_mru(c, n);
         c->hits++;
         return Py_NewRef(n->value);
     }
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
     c->misses++;
     return PyObject_CallMethodOneArg((PyObject *)c, str_missing, key);
-}
-
-/* Take node n (found in the dict) out; returns 0 or -1, and runs the end-of-operation hooks. */
-static int
-core_remove_node(Core *c, Node *n)
-{
-    Evicted ev;
-    evicted_init(&ev);
-    int rc = core_detach(c, n);
-    if (rc == 0 && evicted_push(&ev, n) < 0) {
-        Py_DECREF(n);
-        rc = -1;
-    }
-    return core_finish(c, rc, 1, NULL, &ev, 0);
 }
 
 static int
 core_delete(Core *c, PyObject *key)
 {
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
-    if (n == NULL) {
-        if (!PyErr_Occurred()) {
-            make_key_error(key);
-        }
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
         return -1;
     }
-    return core_remove_node(c, n);
+    if (n == NULL) {
+        set_key_error(key);
+        return -1;
+    }
+    Taken taken = TAKEN_INIT;
+    take_out(c, n, &taken);
+    return finish(c, NULL, &taken, 0);
 }
 
 static int
@@ -737,7 +963,7 @@ core_set(Core *c, PyObject *key, PyObject *value)
         PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
         return -1;
     }
-    Py_ssize_t size = core_sizeof(c, value);
+    Py_ssize_t size = value_size(c, value);
     if (size < 0) {
         return -1;
     }
@@ -749,11 +975,12 @@ core_set(Core *c, PyObject *key, PyObject *value)
     if (hash == -1) {
         return -1;
     }
-    Evicted ev;
-    evicted_init(&ev);
+    Taken taken = TAKEN_INIT;
     PyObject *old = NULL;
-    int rc = core_store(c, key, hash, value, size, 1, &old, &ev);
-    return core_finish(c, rc, 1, old, &ev, 1);
+    if (store(c, key, hash, value, size, STORE_REPLACE, 1, NULL, &old, &taken) < 0) {
+        return -1;
+    }
+    return finish(c, old, &taken, 1);
 }
 
 static int
@@ -768,27 +995,38 @@ core_ass_subscript(Core *c, PyObject *key, PyObject *value)
 static Py_ssize_t
 core_length(Core *c)
 {
-    return PyDict_GET_SIZE(c->dict);
+    return c->linked;
 }
 
 static int
 core_contains(Core *c, PyObject *key)
 {
-    return PyDict_Contains(c->dict, key);
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
+        return -1;
+    }
+    return n != NULL;
 }
 
 static PyObject *
 core_iter(Core *c)
 {
-    PyObject *keys = PyList_New(0);
-    if (keys == NULL) {
+    Py_ssize_t count;
+    PyObject **items = snapshot(c, &count);
+    if (items == NULL && count > 0) {
         return NULL;
     }
-    for (Node *n = c->root.next; n != &c->root; n = n->next) {
-        if (PyList_Append(keys, n->key) < 0) {
-            Py_DECREF(keys);
-            return NULL;
+    PyObject *keys = PyList_New(count);
+    if (keys != NULL) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyList_SET_ITEM(keys, i, Py_NewRef(items[2 * i]));
         }
+    }
+    if (items != NULL) {
+        snapshot_free(items, count);
+    }
+    if (keys == NULL) {
+        return NULL;
     }
     PyObject *it = PyObject_GetIter(keys);
     Py_DECREF(keys);
@@ -833,14 +1071,14 @@ core_get(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     else if (parse_key_default("get", args, nargs, kwnames, &key, &dflt) < 0) {
         return NULL;
     }
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
+        return NULL;
+    }
     if (n != NULL) {
         move_mru(c, n);
         c->hits++;
         return Py_NewRef(n->value);
-    }
-    if (PyErr_Occurred()) {
-        return NULL;
     }
     c->misses++;
     return Py_NewRef(dflt);
@@ -853,14 +1091,11 @@ core_peek(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (parse_key_default("_peek", args, nargs, kwnames, &key, &dflt) < 0) {
         return NULL;
     }
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
-    if (n != NULL) {
-        return Py_NewRef(n->value);
-    }
-    if (PyErr_Occurred()) {
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
         return NULL;
     }
-    return Py_NewRef(dflt);
+    return Py_NewRef(n != NULL ? n->value : dflt);
 }
 
 static PyObject *
@@ -870,18 +1105,20 @@ core_pop(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (parse_key_default("pop", args, nargs, kwnames, &key, &dflt) < 0) {
         return NULL;
     }
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
+    Node *n;
+    if (find_key(c, key, &n) < 0) {
+        return NULL;
+    }
     if (n == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
         if (dflt != NULL) {
             return Py_NewRef(dflt);
         }
-        return make_key_error(key);
+        return set_key_error(key);
     }
     PyObject *value = Py_NewRef(n->value);
-    if (core_remove_node(c, n) < 0) {
+    Taken taken = TAKEN_INIT;
+    take_out(c, n, &taken);
+    if (finish(c, NULL, &taken, 0) < 0) {
         Py_DECREF(value);
         return NULL;
     }
@@ -891,8 +1128,15 @@ core_pop(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 static PyObject *
 core_popitem(Core *c, PyObject *Py_UNUSED(ignored))
 {
+    /* The pair is allocated before the entry is chosen: allocating may run a collection, and so
+       finalizers that change the cache. */
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        return NULL;
+    }
     Node *n = c->root.next;
     if (n == &c->root) {
+        Py_DECREF(pair);
         PyObject *msg = PyUnicode_FromFormat("%s is empty", short_name((PyObject *)c));
         if (msg == NULL) {
             return NULL;
@@ -908,11 +1152,11 @@ core_popitem(Core *c, PyObject *Py_UNUSED(ignored))
         Py_DECREF(exc);
         return NULL;
     }
-    PyObject *pair = PyTuple_Pack(2, n->key, n->value);
-    if (pair == NULL) {
-        return NULL;
-    }
-    if (core_remove_node(c, n) < 0) {
+    PyTuple_SET_ITEM(pair, 0, Py_NewRef(n->key));
+    PyTuple_SET_ITEM(pair, 1, Py_NewRef(n->value));
+    Taken taken = TAKEN_INIT;
+    take_out(c, n, &taken);
+    if (finish(c, NULL, &taken, 0) < 0) {
         Py_DECREF(pair);
         return NULL;
     }
@@ -926,25 +1170,48 @@ core_setdefault(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     if (parse_key_default("setdefault", args, nargs, kwnames, &key, &dflt) < 0) {
         return NULL;
     }
-    Node *n = (Node *)PyDict_GetItemWithError(c->dict, key);
+    Py_hash_t hash = PyObject_Hash(key);
+    if (hash == -1) {
+        return NULL;
+    }
+    Node *n;
+    if (index_find(c, key, hash, &n) < 0) {
+        return NULL;
+    }
     if (n != NULL) {
         move_mru(c, n);
         return Py_NewRef(n->value);
     }
-    if (PyErr_Occurred()) {
+    if (c->closed) {
+        PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
         return NULL;
     }
-    if (core_set(c, key, dflt) < 0) {
+    Py_ssize_t size = value_size(c, dflt);
+    if (size < 0) {
         return NULL;
     }
-    return Py_NewRef(dflt);
+    if (c->max_total >= 0 && size > c->max_total) {
+        PyErr_SetString(PyExc_ValueError, "value too large");
+        return NULL;
+    }
+    /* getsizeof may have stored the key meanwhile: then that entry stays, as in a dict. */
+    Taken taken = TAKEN_INIT;
+    PyObject *old = NULL, *kept = NULL;
+    if (store(c, key, hash, dflt, size, STORE_KEEP, 1, &kept, &old, &taken) < 0) {
+        return NULL;
+    }
+    if (finish(c, old, &taken, 1) < 0) {
+        Py_XDECREF(kept);
+        return NULL;
+    }
+    return kept != NULL ? kept : Py_NewRef(dflt);
 }
 
 static PyObject *
 core_missing(Core *c, PyObject *key)
 {
     (void)c;
-    return make_key_error(key);
+    return set_key_error(key);
 }
 
 static PyMethodDef core_methods[] = {
@@ -1072,37 +1339,39 @@ func_call(CachedFunc *self, PyObject *args, PyObject *kwds)
         Py_DECREF(key);
         return NULL;
     }
-    Node *n = dict_lookup(c, key, hash);
+    Node *n;
+    if (index_find(c, key, hash, &n) < 0) {
+        Py_DECREF(key);
+        return NULL;
+    }
     if (n != NULL) {
         move_mru(c, n);
         c->hits++;
         Py_DECREF(key);
         return Py_NewRef(n->value);
     }
-    if (PyErr_Occurred()) {
+    c->misses++;
+    PyObject *result = PyObject_Call(self->func, args, kwds);
+    if (result == NULL) {
         Py_DECREF(key);
         return NULL;
     }
-    c->misses++;
-    PyObject *result = PyObject_Call(self->func, args, kwds);
-    if (result == NULL || c->closed) {
-        Py_DECREF(key);
-        return result;
-    }
-    Py_ssize_t size = core_sizeof(c, result);
+    Py_ssize_t size = value_size(c, result);
     if (size < 0) {
         Py_DECREF(key);
         Py_DECREF(result);
         return NULL;
     }
     /* The call may have stored the same key (recursion, another thread): as functools does,
-       keep that entry and return this result. */
-    Evicted ev;
-    evicted_init(&ev);
-    PyObject *old = NULL;
-    int rc = core_store(c, key, hash, result, size, 0, &old, &ev);
-    rc = core_finish(c, rc, 1, old, &ev, 1);
+       keep that entry and return this result. A closed cache stores nothing. */
+    Taken taken = TAKEN_INIT;
+    PyObject *old = NULL, *kept = NULL;
+    int rc = store(c, key, hash, result, size, STORE_KEEP, 0, &kept, &old, &taken);
     Py_DECREF(key);
+    Py_XDECREF(kept);
+    if (rc == 0) {
+        rc = finish(c, old, &taken, 1);
+    }
     if (rc < 0) {
         Py_DECREF(result);
         return NULL;
@@ -1154,10 +1423,14 @@ func_clear(CachedFunc *self)
 static void
 func_dealloc(CachedFunc *self)
 {
+    SavedError saved;
+    save_error(&saved);
     PyObject_GC_UnTrack(self);
     func_clear(self);
-    Py_CLEAR(self->core.dict);
+    PyMem_Free(self->core.slots);
+    self->core.slots = NULL;
     Py_TYPE(self)->tp_free((PyObject *)self);
+    restore_error(&saved);
 }
 
 static PyMethodDef func_methods[] = {
@@ -1195,8 +1468,8 @@ static struct PyModuleDef lru_module = {
 PyMODINIT_FUNC
 PyInit__lru(void)
 {
-    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&BaseType) < 0 ||
-        PyType_Ready(&CoreType) < 0 || PyType_Ready(&FuncType) < 0) {
+    if (PyType_Ready(&BaseType) < 0 || PyType_Ready(&CoreType) < 0 ||
+        PyType_Ready(&FuncType) < 0) {
         return NULL;
     }
     PyObject *sys = PyImport_ImportModule("sys");

@@ -63,6 +63,8 @@ _Self = TypeVar("_Self", bound="_Registered")
 DEFAULT_CHUNK_SIZE = 4096
 
 _MISSING: Any = object()
+#: The smallest C ``Py_ssize_t``.
+_SSIZE_MIN = -sys.maxsize - 1
 
 
 @attrs.frozen
@@ -151,8 +153,7 @@ class _Registered(_Base):
         )
         self._finalizer = weakref.finalize(self, self._shrinker.close)
         self._finalizer.atexit = False
-        self._sync_lo = -1
-        self._sync_hi = batch_bytes
+        self._set_sync_window(0)
 
     # ---------------------------------------------------------------- public
 
@@ -207,12 +208,17 @@ class _Registered(_Base):
 
     # ---------------------------------------------------------------- hooks and reclaim
 
+    def _set_sync_window(self, total: int) -> None:
+        # The C core calls _sync() once currsize leaves [lo, hi]. The bounds are C integers:
+        # clamped, a currsize near sys.maxsize still has a window (and never overflows it).
+        self._sync_lo = max(total - self._batch_bytes, _SSIZE_MIN)
+        self._sync_hi = min(total + self._batch_bytes, sys.maxsize)
+
     def _sync(self) -> None:
         """Report the chunk count (the C core calls this once currsize left its window)."""
         with self._report_lock:
             total = self._total
-            self._sync_lo = total - self._batch_bytes
-            self._sync_hi = total + self._batch_bytes
+            self._set_sync_window(total)
             if self._closed or self._detached:
                 return
             chunks = -(-total // self._chunk_size)
@@ -245,8 +251,7 @@ class _Registered(_Base):
             )
             self._evicted_on_request += entries
             total = self._total
-            self._sync_lo = total - self._batch_bytes
-            self._sync_hi = total + self._batch_bytes
+            self._set_sync_window(total)
             chunks = -(-total // self._chunk_size)
             # The shrinker ends at (what we had reported) - freed: make that what we hold.
             freed = self._reported - chunks
@@ -318,6 +323,12 @@ class ShrinkableLRU(_Registered, LRUCore, MutableMapping[K, V]):
     through :meth:`popitem` (use ``on_evict``); iteration (``iter``, ``keys()``, ``items()``,
     ``values()``) works on a snapshot, least recently used first, without changing recency; it
     cannot be copied or pickled (it is a registration).
+
+    Failures: an operation that raises (``getsizeof`` raising or returning a negative or non-int
+    size, an unhashable key, a key's ``__eq__`` raising, ``OverflowError`` for a size that would
+    take ``currsize`` past ``sys.maxsize``) leaves the cache exactly as it was; ``currsize`` never
+    exceeds ``maxsize``, as evictions happen before the store. Keys' ``__hash__``/``__eq__``,
+    ``getsizeof``, ``on_evict`` and values' finalizers may use the cache themselves.
 
     In addition: the entries' sizes are reported to the controller as chunks of ``chunk_size``
     bytes, and a shrink request evicts least recently used entries until the requested chunks
@@ -464,11 +475,13 @@ class ShrinkableCachedFunction(_Registered, LRUFunction, Generic[R]):
     ) -> None:
         if getsizeof is not None and not callable(getsizeof):
             raise TypeError(f"getsizeof must be callable, got {getsizeof!r}")
+        # update_wrapper copies the wrapped function's __dict__ into ours: for a cached function
+        # wrapped again, that is its own settings. Copy first, then set ours over them.
+        functools.update_wrapper(self, user_function)
         self._maxsize = maxsize
         self._typed = bool(typed)
         self._configure(-1, -1 if maxsize is None else maxsize, getsizeof, False)
         self._set_function(user_function, self._typed)
-        functools.update_wrapper(self, user_function)
         qualname = getattr(user_function, "__qualname__", repr(user_function))
         self._qualname = qualname
         self._register(
@@ -490,8 +503,10 @@ class ShrinkableCachedFunction(_Registered, LRUFunction, Generic[R]):
 
     def cache_clear(self) -> None:
         """Remove every entry and zero the statistics."""
-        self._clear()
+        # Statistics first, as functools does: the release of the entries runs finalizers,
+        # and calls they make count after the clear.
         self._reset_stats()
+        self._clear()
 
     def cache_parameters(self) -> dict[str, Any]:
         """``{"maxsize": ..., "typed": ...}``, as ``functools.lru_cache`` reports."""
