@@ -71,6 +71,8 @@ tar -C / -cf "$scratch/fast.tar" \
     echo 'export PYSHRINKER_VM=1 PYSHRINKER_STAGE=guest PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1'
     echo 'export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis'
     echo "export PYSHRINKER_REQUIRE_KERNEL=$(printf '%q' "${PYSHRINKER_REQUIRE_KERNEL:-1}")"
+    # The allocator's memory.max there (tests/test_allocator.py): 128 MiB unless asked.
+    echo "export PYSHRINKER_GUEST_LIMIT_MIB=$(printf '%q' "${PYSHRINKER_GUEST_LIMIT_MIB:-128}")"
     echo "export PYSHRINKER_OUTCOMES=$(printf '%q' "$scratch/outcomes.json")"
     printf '.venv/bin/python -m pytest -p no:cacheprovider -v --durations=15 -m "v2 or vm"'
     if (($#)); then printf ' %q' "$@"; else printf ' %q' "${files[@]}"; fi
