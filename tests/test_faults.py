@@ -499,3 +499,26 @@ class TestFork:
             for each in (asked, reporter, cache):
                 each.close()
         assert codes == [0] * 30, f"child exit codes (None: hung): {codes}"
+
+
+@pytest.mark.v1
+class TestStress:
+    """benchmarks/stress.py, short: threads, caches and 10k requests/s in a 256 MiB group."""
+
+    def test_short_stress_run(self, v1_group) -> None:
+        """8 threads for 4 s: no exception, no lost request, no drift, no deadlock, no OOM.
+
+        (``v1_group`` only checks the v1 hierarchy is there; the benchmark makes its own group.)
+        """
+        script = os.path.join(os.path.dirname(WORKER), "..", "benchmarks", "stress.py")
+        done = subprocess.run(
+            [sys.executable, script, "--seconds", "4", "--threads", "8"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        assert done.returncode == 0, (figures, done.stderr[-2000:])
+        assert figures["exceptions"] == figures["lost_requests"] == figures["drift_chunks"] == 0
+        assert not figures["deadlock"] and figures["oom_kills"] == 0
+        assert figures["chunks_asked"] > 0
