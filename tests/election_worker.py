@@ -54,6 +54,7 @@ def books(cache: ChunkCache[int, bytes]) -> dict[str, Any]:
         "role": shared.role if shared else "none",
         "leader": shared.leader_pid if shared else os.getpid(),
         "switches": shared.switches if shared else 0,
+        "switched_at": shared.switched_at if shared else None,
         "requests": cache.shrinker.stats().requests,
         "evicted": cache.stats().evicted_on_request,
     }

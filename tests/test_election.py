@@ -174,7 +174,9 @@ class TestFailover:
         assert (books["chunks"], books["count"]) == (7, 7)
 
     @pytest.mark.v1
-    def test_sigkill_mid_episode_in_a_limited_group(self, v1_group, workers) -> None:
+    def test_sigkill_mid_episode_in_a_limited_group(
+        self, v1_group, workers, report_figure
+    ) -> None:
         """256 MiB group, three processes growing by 200 MiB each (1 MiB/ms); the leader is
         SIGKILLed while they grow: no OOM kill, requests go on, the books end exact."""
         group = v1_group(256 * MiB)
@@ -184,9 +186,16 @@ class TestFailover:
         for worker in (leader, *rest):
             worker.ask("grow 200")
         wait_for(lambda: sum(w.ask("books")["requests"] for w in rest) > 0, what="a request")
+        asked_before = sum(w.ask("books")["requests"] for w in rest)
+        killed_at = time.monotonic()
         leader.kill()
         time.sleep(1.5)  # the survivors go on growing through the failover
         books = [w.ask("books") for w in rest]
+        # CLOCK_MONOTONIC is the machine's: comparable across processes.
+        rejoined_s = max(b["switched_at"] for b in books) - killed_at
+        report_figure("failover", rejoined_ms=round(rejoined_s * 1000, 1))
+        assert 0 < rejoined_s < 1.0
+        assert sum(b["requests"] for b in books) > asked_before, "no request after the failover"
         assert group.read_keyed("memory.oom_control")["oom_kill"] == 0
         assert all(w.proc.poll() is None for w in rest)
         assert sorted(b["role"] for b in books) == ["follower", "leader"]

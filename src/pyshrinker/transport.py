@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -295,6 +296,8 @@ class SwitchingTransport:
     _switching: threading.Lock = attrs.field(factory=threading.Lock, alias="switching")
     #: Times the controller changed under the members.
     switches: int = 0
+    #: When the last switch was done, every member rejoined (``time.monotonic()``), or None.
+    switched_at: float | None = None
 
     @property
     def current(self) -> Transport | None:
@@ -384,6 +387,7 @@ class SwitchingTransport:
                     member.rejoin()
                 except PyshrinkerError as err:
                     log.warning("%r could not rejoin the controller: %s", member, err)
+            self.switched_at = time.monotonic()
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Condition()
