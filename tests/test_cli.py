@@ -37,6 +37,7 @@ STATUS_KEYS = {
     "psi",
     "signals",
     "unavailable",
+    "controller",
 }
 RUN_KEYS = {
     "schema",
@@ -159,6 +160,8 @@ class TestStatus:
                 assert entry["some"]["total_us"] >= 0
         assert status["signals"][0].startswith(f"memory: {status['memory']['version']} ")
         assert all(isinstance(line, str) for line in status["signals"])
+        # The test process leads its run's election scope (the status command inherits it).
+        assert status["controller"]["state"] in {"running", "none"}
         assert all(isinstance(why, str) and why for why in status["unavailable"].values())
 
     def test_text_output(self):

@@ -39,6 +39,7 @@ class Worker:
 
     def __init__(self, scope: str, group: ManagedCgroupV1 | None = None, value_size: int = 64):
         argv = [sys.executable, WORKER, "--value-size", str(value_size)]
+        self.scope = scope
         env = dict(os.environ, **{SCOPE_ENV: scope})
         kwargs: dict[str, Any] = dict(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -174,9 +175,7 @@ class TestFailover:
         assert (books["chunks"], books["count"]) == (7, 7)
 
     @pytest.mark.v1
-    def test_sigkill_mid_episode_in_a_limited_group(
-        self, v1_group, workers, report_figure
-    ) -> None:
+    def test_sigkill_mid_episode_in_a_limited_group(self, v1_group, workers, report_figure) -> None:
         """256 MiB group, three processes growing by 200 MiB each (1 MiB/ms); the leader is
         SIGKILLed while they grow: no OOM kill, requests go on, the books end exact."""
         group = v1_group(256 * MiB)
@@ -526,3 +525,26 @@ class ProcessesMachine(RuleBasedStateMachine):
 
 TestProcesses = ProcessesMachine.TestCase
 TestProcesses.__doc__ = "Hypothesis drives processes joining, leaving, dying and forking."
+
+
+class TestStatusCommand:
+    """``pyshrinker status`` says which process runs the cgroup's controller."""
+
+    def test_status_names_the_leader(self, workers) -> None:
+        """With a leader and a follower running: the leader's pid, one follower (the command
+        itself, which asks, is not counted), two shrinkers."""
+        leader = workers()
+        leader.ask("alloc 1")
+        follower = workers()
+        follower.ask("alloc 1")
+        env = dict(os.environ, **{SCOPE_ENV: leader.scope})
+        done = subprocess.run(
+            [sys.executable, "-m", "pyshrinker", "status", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        controller = json.loads(done.stdout)["controller"]
+        assert controller == {"state": "running", "pid": leader.pid, "followers": 1, "shrinkers": 2}

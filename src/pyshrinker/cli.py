@@ -39,11 +39,14 @@ with its command's status. Errors are one line on stderr.
         "cgroup": {...same shape, the process's cgroup v2 memory.pressure...} | null
       },
       "signals": ["memory: v1 /sys/fs/cgroup/memory/...", "..."],
-      "unavailable": {"psi": "cgroup v1 usage thresholds and levels are used instead"}
+      "unavailable": {"psi": "cgroup v1 usage thresholds and levels are used instead"},
+      "controller": {"state": "running", "pid": 4321, "followers": 3, "shrinkers": 5}
+                    | {"state": "none" | "off" | "refused" | "unknown", "why": "..."}
     }
 
 ``memory.cgroup`` is the memory cgroup the process is in (null where there is none);
-``memory.limit_from`` says where the limit comes from, or why the machine's memory is used.
+``memory.limit_from`` says where the limit comes from, or why the machine's memory is used;
+``controller`` says which process runs the cgroup's elected controller (pyshrinker.shared).
 
 ``run --json`` reports one JSON object (schema 1) instead of the human line::
 
@@ -79,7 +82,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pyshrinker import __version__, demo
+from pyshrinker import __version__, demo, shared
 from pyshrinker._argtypes import positive_int
 from pyshrinker.abi import Level
 from pyshrinker.cgroup import (
@@ -96,7 +99,7 @@ from pyshrinker.cgroup import (
 )
 from pyshrinker.client import subscribe_levels
 from pyshrinker.controller import Controller, ShrinkRequest, parse_size
-from pyshrinker.errors import PyshrinkerError, UnsupportedError
+from pyshrinker.errors import PyshrinkerError, TransportPermissionError, UnsupportedError
 from pyshrinker.policy import Watermarks, usage_thresholds, watermarks
 from pyshrinker.signals.psi import SYSTEM_MEMORY_PRESSURE, PsiLine, PsiStats, read_psi
 from pyshrinker.transport import EmbeddedTransport
@@ -216,6 +219,7 @@ def collect_status() -> dict[str, Any]:
     group = v2_group_of()
     cgroup_psi = _psi_entry(os.path.join(group, "memory.pressure")) if group else None
     return {
+        "controller": _controller_status(),
         "schema": JSON_SCHEMA,
         "pid": os.getpid(),
         "memory": {"version": version, "path": path, "cgroup": cgroup, "limit_from": limit_from},
@@ -228,6 +232,35 @@ def collect_status() -> dict[str, Any]:
         "signals": signals,
         "unavailable": unavailable,
     }
+
+
+def _controller_status() -> dict[str, Any]:
+    """Who runs this cgroup's controller (see pyshrinker.shared), as ``status`` reports it."""
+    if not shared.election_enabled():
+        return {"state": "off", "why": f"${shared.ELECTION_ENV} is off: one per process"}
+    try:
+        found = shared.probe()
+    except TransportPermissionError as err:
+        return {"state": "refused", "why": str(err)}
+    except (PyshrinkerError, OSError) as err:
+        return {"state": "unknown", "why": str(err)}
+    if found is None:
+        return {"state": "none", "why": "no process runs one now: the first cache will"}
+    return {
+        "state": "running",
+        "pid": found["pid"],
+        "followers": len(found["followers"]),
+        "shrinkers": len(found["shrinkers"]),
+    }
+
+
+def _controller_text(entry: dict[str, Any]) -> str:
+    if entry["state"] == "running":
+        return (
+            f"process {entry['pid']} runs it for this cgroup "
+            f"(followed by {entry['followers']} other processes; {entry['shrinkers']} shrinkers)"
+        )
+    return f"{entry['state']}: {entry['why']}"
 
 
 def _psi_text(entry: dict[str, Any] | None) -> str:
@@ -284,6 +317,7 @@ def format_status(status: dict[str, Any]) -> str:
         ("working set", f"{fmt(working_set)}{share(working_set)}  (usage minus inactive files)"),
         ("headroom", fmt(status["headroom"]) if status["headroom"] is not None else "-"),
         ("watermarks", _marks_text(status)),
+        ("controller", _controller_text(status["controller"])),
         ("PSI system", _psi_text(status["psi"]["system"])),
         ("PSI cgroup v2", _psi_text(status["psi"]["cgroup"])),
     ]

@@ -783,6 +783,20 @@ class SharedTransport(SwitchingTransport):
             self._link.forget_after_fork()
 
 
+def probe(name: bytes | None = None) -> dict[str, Any] | None:
+    """The status of the controller elected at ``name`` (default: this process's cgroup), or
+    None if no process runs one now. Registers nothing (``pyshrinker status`` uses it)."""
+    link = Link.connect(meeting_point() if name is None else name, lambda gone: None)
+    if link is None:
+        return None
+    try:
+        status: dict[str, Any] = json.loads(link.call(QUERY + b" status"))
+    finally:
+        link.close()
+    status["followers"] = [pid for pid in status["followers"] if pid != os.getpid()]
+    return status
+
+
 _default: SharedTransport | None = None
 _default_lock = threading.Lock()
 
@@ -817,4 +831,5 @@ __all__ = [
     "election_enabled",
     "meeting_point",
     "peer_credentials",
+    "probe",
 ]
