@@ -328,7 +328,8 @@ def measure_direct(samples: int, *, busy: bool, pinned: bool, max_seconds: float
         before = asks()
         t0 = time.perf_counter_ns()
         memory.held += DIRECT_CHUNK
-        shrinker.report(1)  # reaches the high watermark: the controller decides here
+        # Reaches the high watermark: the controller decides here, and this thread serves it.
+        shrinker.report(1, serve_here=True)
         shrinker.reclaim_pending()
         if asks() == before:
             return None

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         chunks.append(bytearray(chunk_size))
         allocated += chunk_size
         if shrinker is not None:
-            shrinker.report(1)
+            shrinker.report(1, serve_here=True)
             # Thread 1 frees here when the controller asked at once (direct reclaim).
             shrinker.reclaim_pending()
         if next_progress is not None and now >= next_progress:

@@ -157,7 +157,7 @@ class ChunkCache(Generic[K, V]):
             # Reported under the lock so reports reach the controller in the order the
             # entries changed: a free overtaking its allocation would meet the count's floor.
             if delta:
-                self._shrinker.report(delta)
+                self._shrinker.report(delta, serve_here=delta > 0)
         if delta > 0:
             # Outside the lock: a request the controller made at once is served here.
             self._shrinker.reclaim_pending()

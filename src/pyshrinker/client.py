@@ -50,6 +50,10 @@ DEFAULT_BATCH_BYTES = 1 << 20
 #: Seconds after a level delivery during which lower levels alone belong to the same event.
 SAME_EVENT_WINDOW = 0.05
 
+#: Seconds the listener leaves a request to the thread that just sent new chunks (it serves the
+#: requests its report caused itself, see Shrinker.reclaim_pending) before handling it itself.
+INLINE_WINDOW = 0.002
+
 #: Bumped in a forked child: objects from before the fork re-attach on next use.
 _generation = 0
 
@@ -462,6 +466,12 @@ class Shrinker:
     _callback_errors: int = attrs.field(default=0, alias="callback_errors")
     _absurd_requests: int = attrs.field(default=0, alias="absurd_requests")
     _grew: bool = attrs.field(default=False, alias="grew")
+    # When chunks were last sent by a caller that serves its requests itself (report with
+    # serve_here, perf_counter), and a condition reclaim_pending notifies: the listener, woken
+    # by a request that thread is about to serve, waits for it (_on_listener_wakeup) instead
+    # of taking the GIL from it.
+    _grew_at: float = attrs.field(default=0.0, alias="grew_at")
+    _inline: threading.Condition = attrs.field(factory=threading.Condition, alias="inline")
     _last_reaction_s: float = attrs.field(default=0.0, alias="last_reaction_s")
 
     @classmethod
@@ -531,6 +541,7 @@ class Shrinker:
         self._lock = threading.Lock()
         self._request_lock = threading.RLock()
         self._send_lock = threading.Lock()
+        self._inline = threading.Condition()
 
     def _attach(self) -> None:
         efd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
@@ -592,7 +603,7 @@ class Shrinker:
     def _listen(self) -> None:
         """Have requests on our eventfd handled (here: by the process's listener thread)."""
         self._listener = get_listener()
-        self._listener.add(self._efd, self._on_request)
+        self._listener.add(self._efd, self._on_listener_wakeup)
 
     def _stop_listening(self) -> None:
         if self._listener is not None:
@@ -621,11 +632,13 @@ class Shrinker:
         """Where reports go."""
         return self._transport
 
-    def report(self, chunks: int) -> None:
+    def report(self, chunks: int, *, serve_here: bool = False) -> None:
         """Tell the controller ``chunks`` were allocated (> 0) or freed on our initiative (< 0).
 
         ``chunks`` must be an ``int`` (not a bool) of magnitude at most :data:`EVENTFD_MAX`;
-        anything else raises before the books change.
+        anything else raises before the books change. ``serve_here``: the caller calls
+        :meth:`reclaim_pending` next, so a request this report causes is left to it for a
+        moment (:data:`INLINE_WINDOW`) rather than taken by the listener thread.
         """
         if type(chunks) is not int:
             chunks = _as_chunks(chunks)
@@ -642,7 +655,7 @@ class Shrinker:
             self._lock.release()
             return
         pending, self._pending = self._pending, 0
-        self._send_and_unlock(pending)
+        self._send_and_unlock(pending, serve_here=serve_here)
 
     def flush(self) -> None:
         """Send pending reports now."""
@@ -653,7 +666,9 @@ class Shrinker:
         pending, self._pending = self._pending, 0
         self._send_and_unlock(pending)
 
-    def _send_and_unlock(self, chunks: int) -> None:
+    def _send_and_unlock(
+        self, chunks: int, *, settling: bool = False, serve_here: bool = False
+    ) -> None:
         """Book ``chunks`` as reported and send them; called with self._lock held, releases it.
 
         The books change under self._lock, held only for that (never across a syscall or a
@@ -665,7 +680,10 @@ class Shrinker:
             self._reported += chunks
             if chunks > 0:
                 self._added += chunks
-                self._grew = True
+                if not settling:  # the application's own new chunks, not a re-add
+                    self._grew = True
+                if serve_here:
+                    self._grew_at = time.perf_counter()
             self._send_lock.acquire()
         finally:
             self._lock.release()
@@ -687,7 +705,22 @@ class Shrinker:
         """
         if not self._grew:
             return
-        self._grew = False
+        try:
+            self._on_request()
+        finally:
+            self._grew = False
+            with self._inline:
+                self._inline.notify_all()
+
+    def _on_listener_wakeup(self) -> None:
+        # The listener woke for a request. If chunks were sent a moment ago, the thread that
+        # sent them is likely about to serve it (reclaim_pending): the listener got the GIL
+        # while that thread was in the eventfd write, and running the request here would leave
+        # it waiting for the GIL behind every busy thread (a switch interval or two). So wait
+        # for it, the GIL released, a short while; whatever is left is handled here.
+        if self._grew and time.perf_counter() - self._grew_at < INLINE_WINDOW:
+            with self._inline:
+                self._inline.wait_for(lambda: not self._grew, INLINE_WINDOW)
         self._on_request()
 
     @property
@@ -779,7 +812,7 @@ class Shrinker:
             # Unsent reports go with it, so that after a request the controller's count is exact.
             change, self._pending = change + self._pending, 0
             if change and not self._closed:
-                self._send_and_unlock(change)
+                self._send_and_unlock(change, settling=True)
             else:
                 self._lock.release()
         # Freed memory must reach the kernel, not stay in malloc: the one place every cache's
