@@ -53,6 +53,14 @@ def eventfd_read(fd: int) -> int:
     return int(value[0])
 
 
+def eventfd_drain(fd: int) -> int:
+    """Read (and reset) a non-blocking eventfd's counter; 0 if nothing was signalled."""
+    try:
+        return eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
 def eventfd_write(fd: int, value: int) -> None:
     """Add ``value`` (1 .. 2**64-2) to an eventfd's counter."""
     if not 0 < value <= EVENTFD_MAX:

@@ -31,7 +31,14 @@ import attrs
 
 from pyshrinker import _fork, _switch, shared, trim
 from pyshrinker._switch import REACTION_SWITCH_INTERVAL, set_reaction_switch_interval
-from pyshrinker._syscalls import EVENTFD_MAX, EventfdFlag, eventfd, eventfd_read, eventfd_write
+from pyshrinker._syscalls import (
+    EVENTFD_MAX,
+    EventfdFlag,
+    eventfd,
+    eventfd_drain,
+    eventfd_read,
+    eventfd_write,
+)
 from pyshrinker.abi import Level, validate_chunk_size, validate_cost
 from pyshrinker.controller import BUDGET_ENV
 from pyshrinker.errors import ClosedError, PyshrinkerError
@@ -991,11 +998,8 @@ def _highest_signalled(efds: dict[Level, int]) -> Level | None:
     """
     heard: Level | None = None
     for level, efd in efds.items():
-        try:
-            if eventfd_read(efd) > 0:
-                heard = level if heard is None else max(heard, level)
-        except BlockingIOError:
-            pass
+        if eventfd_drain(efd) > 0:
+            heard = level if heard is None else max(heard, level)
     return heard
 
 

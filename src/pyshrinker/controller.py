@@ -39,7 +39,7 @@ from pyshrinker import policy
 from pyshrinker._syscalls import (
     EventfdFlag,
     eventfd,
-    eventfd_read,
+    eventfd_drain,
     eventfd_write,
     malloc_trim,
 )
@@ -950,10 +950,7 @@ class Controller:
         level: Level | None = None
         for fd, _mask in events:
             if fd == self._wake_fd:
-                try:
-                    eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
+                eventfd_drain(self._wake_fd)
                 continue
             threshold = next((t for t in self._thresholds if t.fileno() == fd), None)
             if threshold is not None:

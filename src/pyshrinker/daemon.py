@@ -84,7 +84,7 @@ from pyshrinker._argtypes import positive_int
 from pyshrinker._syscalls import (
     EventfdFlag,
     eventfd,
-    eventfd_read,
+    eventfd_drain,
     eventfd_write,
     eventfd_write_within,
     is_eventfd,
@@ -439,10 +439,7 @@ class ExitWatcher:
                 break  # closed under us at shutdown
             for fd, _mask in events:
                 if fd == self._wake_fd:
-                    try:
-                        eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
+                    eventfd_drain(self._wake_fd)
                     continue
                 try:
                     self._on_exit(fd)
