@@ -202,6 +202,37 @@ class TestFailover:
         assert all(b["evicted"] > 0 for b in books), books
 
 
+@pytest.mark.v2
+class TestOnCgroupV2:
+    """The same on a real cgroup v2 kernel (the guest stage): three processes of one group with
+    memory.max elect one controller, and a SIGKILLed leader is replaced without an OOM kill."""
+
+    def test_failover_under_memory_max(self, v2_group, workers, report_figure) -> None:
+        """memory.max 256 MiB, three processes growing by 150 MiB each; the leader SIGKILLed
+        mid-way: oom_kill 0 in memory.events, the survivors' books exact."""
+        group = v2_group(256 * MiB)
+        leader = workers(group, value_size=4096)
+        assert leader.ask("books")["role"] == "leader"
+        rest = [workers(group, value_size=4096) for _ in range(2)]
+        assert {w.ask("books")["leader"] for w in rest} == {leader.pid}
+        for worker in (leader, *rest):
+            worker.ask("grow 150")
+        wait_for(lambda: sum(w.ask("books")["requests"] for w in rest) > 0, 60, "a request")
+        killed_at = time.monotonic()
+        leader.kill()
+        wait_for(lambda: all(w.ask("books")["switches"] == 1 for w in rest), 30, "the rejoin")
+        books = [w.ask("books") for w in rest]
+        report_figure(
+            "v2 failover",
+            rejoined_ms=round(1000 * (max(b["switched_at"] for b in books) - killed_at)),
+        )
+        time.sleep(3)  # they go on growing under the new controller
+        books = [w.ask("books") for w in rest]
+        assert group.oom_kills() == 0
+        assert sorted(b["role"] for b in books) == ["follower", "leader"]
+        assert all(b["chunks"] == b["count"] for b in books), books
+
+
 class TestFork:
     """A pre-fork server forks after its caches exist: the child registers as itself."""
 
