@@ -53,6 +53,7 @@ def run_cache(args: argparse.Namespace) -> dict[str, object]:
     cache.shrinker.flush()
     settle()
     stats = cache.shrinker.stats()
+    transport = cache.shrinker.transport
     return {
         "role": "cache",
         "name": args.name,
@@ -67,7 +68,9 @@ def run_cache(args: argparse.Namespace) -> dict[str, object]:
         "chunks_requested": stats.chunks_requested,
         "chunks_freed": stats.chunks_freed,
         "chunks_readded": stats.chunks_readded,
-        "transport": type(cache.shrinker.transport).__name__,
+        "transport": type(transport).__name__,
+        # A DirectoryTransport switches to a fallback while its daemon is gone: which one served.
+        "in_force": type(getattr(transport, "current", transport)).__name__,
     }
 
 
