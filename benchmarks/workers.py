@@ -280,7 +280,9 @@ def drive_pool(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def wait_for_stop() -> None:
-        sys.stdin.readline()
+        # The raw fd, not sys.stdin: a forked pool worker closes sys.stdin, which would wait
+        # forever for the buffer's lock held by this thread at the fork.
+        os.read(0, 1)
         stop.set()
 
     threading.Thread(target=wait_for_stop, daemon=True).start()
