@@ -527,15 +527,16 @@ def run_one(kind: str, workers: int, limit_mib: int, election: bool, baseline: b
         window_end = window_start + args.seconds
         monitor.window_end = window_end
         time.sleep(max(0.0, window_end - time.monotonic()))
+        loaded_for = time.monotonic() - started
+        if election and not baseline:
+            # While every worker still runs (the window is over: this process is not counted).
+            status = probe_in_group(group, env)
         if kind == "gunicorn":
             stop.set()
         else:
             assert proc.stdin is not None
             proc.stdin.write("stop\n")
             proc.stdin.flush()
-        loaded_for = time.monotonic() - started
-        if election and not baseline:
-            status = probe_in_group(group, env)
         client_counts = {"hit": 0, "miss": 0, "error": 0}
         for client, recv in clients:
             if recv.poll(30):
