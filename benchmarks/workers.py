@@ -134,7 +134,8 @@ class Holder:
         first = index * caches
         self.costs = [COSTS[(first + i) % len(COSTS)] for i in range(caches)]
         self.caches: list[ChunkCache[int, bytes]] = [
-            ChunkCache(CHUNK, cost=cost, name=f"worker-{first + i}") for i, cost in enumerate(self.costs)
+            ChunkCache(CHUNK, cost=cost, name=f"worker-{first + i}")
+            for i, cost in enumerate(self.costs)
         ]
         self.hits = [0] * caches
         self.misses = [0] * caches
@@ -312,8 +313,9 @@ def drive_pool(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- outside the group
 
 
-def load_client(port: int, keys: int, exponent: float, seed: int, threads: int,
-                stop: Any, out: Any) -> None:
+def load_client(
+    port: int, keys: int, exponent: float, seed: int, threads: int, stop: Any, out: Any
+) -> None:
     """A load generator process: ``threads`` threads, one HTTP/1.0 request per connection,
     until ``stop`` is set; sends its counts of hits, misses and errors to ``out``."""
     counts = {"hit": 0, "miss": 0, "error": 0}
@@ -465,8 +467,14 @@ def end_process(proc: subprocess.Popen[Any], group: Any, grace: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def run_one(kind: str, workers: int, limit_mib: int, election: bool, baseline: bool,
-            args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    kind: str,
+    workers: int,
+    limit_mib: int,
+    election: bool,
+    baseline: bool,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """One configuration in a fresh group: start, load to the high watermark, measure, stop."""
     from pyshrinker.cgroup import ManagedCgroupV1
 
@@ -503,10 +511,19 @@ def run_one(kind: str, workers: int, limit_mib: int, election: bool, baseline: b
             argv = [sys.executable, me, "--serve-gunicorn", "--fd", str(listener.fileno()), *common]
             proc = group.spawn(argv, env=env, pass_fds=(listener.fileno(),))
         else:
-            argv = [sys.executable, me, "--drive-pool", "--keys", str(keys), "--zipf",
-                    str(args.zipf), *common]
-            proc = group.spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True)
+            argv = [
+                sys.executable,
+                me,
+                "--drive-pool",
+                "--keys",
+                str(keys),
+                "--zipf",
+                str(args.zipf),
+                *common,
+            ]
+            proc = group.spawn(
+                argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
         wait_ready(dump_dir, processes, proc, 60)
         started = time.monotonic()
         clients: list[tuple[Any, Any]] = []
@@ -595,8 +612,9 @@ def _at(samples: list[list[float]], t: float) -> list[float]:
     return samples[max(0, i)]
 
 
-def worker_figures(dumps: list[dict[str, Any]], caches: int, start: float, end: float,
-                   had_to_go: int) -> dict[str, Any]:
+def worker_figures(
+    dumps: list[dict[str, Any]], caches: int, start: float, end: float, had_to_go: int
+) -> dict[str, Any]:
     """Evicted bytes, hit rate and each cache's asked share against its fair share."""
     hits = misses = freed = 0
     asked: list[float] = []
@@ -653,9 +671,11 @@ def verdicts(row: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    head = (f"{'kind':<9}{'N':>3}{'limit':>6} {'election':<9}{'oom':>4}{'ep':>5}"
-            f"{'evict/need':>11}{'share err':>10}{'usage':>7}{'raw':>6}{'hits':>7}"
-            f"{'base':>7}{'req/s':>7}{'ctl':>4}  missed")
+    head = (
+        f"{'kind':<9}{'N':>3}{'limit':>6} {'election':<9}{'oom':>4}{'ep':>5}"
+        f"{'evict/need':>11}{'share err':>10}{'usage':>7}{'raw':>6}{'hits':>7}"
+        f"{'base':>7}{'req/s':>7}{'ctl':>4}  missed"
+    )
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -672,8 +692,11 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per run")
-    parser.add_argument("--quick", action="store_true",
-                        help="256 MiB, 2 workers, 5 s a run: the machinery, not the figures")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="256 MiB, 2 workers, 5 s a run: the machinery, not the figures",
+    )
     parser.add_argument("--limits", default="1024,512", help="group limits, MiB")
     parser.add_argument("--gunicorn-workers", default="4,8")
     parser.add_argument("--pool-workers", default="4")
@@ -713,8 +736,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import gunicorn  # noqa: F401
         except ImportError:
-            print("gunicorn is not installed (pip install 'pyshrinker[bench]'): pool only",
-                  file=sys.stderr)
+            print(
+                "gunicorn is not installed (pip install 'pyshrinker[bench]'): pool only",
+                file=sys.stderr,
+            )
             kinds.remove("gunicorn")
     modes = [m == "on" for m in args.modes.split(",") if m]
     limits = [int(x) for x in args.limits.split(",") if x]
@@ -740,11 +765,16 @@ def main(argv: list[str] | None = None) -> int:
                     row["missed"] = verdicts(row, base)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"workers: {args.seconds:g} s measured a run, Zipf {args.zipf}, keys for "
-          f"{args.keyspace:g}x the limit, load average {load:.1f} at the start; targets: {TARGETS}")
+    print(
+        f"workers: {args.seconds:g} s measured a run, Zipf {args.zipf}, keys for "
+        f"{args.keyspace:g}x the limit, load average {load:.1f} at the start; targets: {TARGETS}"
+    )
     print_table(rows)
-    print(json.dumps({"benchmark": "workers", "seconds": args.seconds, "load_average": load,
-                      "runs": rows}))
+    print(
+        json.dumps(
+            {"benchmark": "workers", "seconds": args.seconds, "load_average": load, "runs": rows}
+        )
+    )
     return 0
 
 
