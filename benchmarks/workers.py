@@ -29,11 +29,14 @@ end of the load:
   high watermark wakes it at each crossing, and it reads the group every 5 ms besides. The
   watermarks are those the controller computes for the limit (``policy.watermarks``). Target: at
   most 1.1.
-* ``share_error``: for each worker (each cache, in the baseline), its share of the bytes the
-  controller(s) asked of all (``Shrinker.stats().chunks_requested``) divided by its fair share,
-  which is its mean holding over the window (sampled every 20 ms by the worker) / its cost,
-  as a fraction of the sum of those over all workers; minus 1. The largest ``|error|`` is
-  reported. Target: within 10 % (0.10).
+* ``share_error``: whether each worker (each cache, in the baseline) was asked in proportion to
+  its holdings / cost. The workers sample their holdings and the chunks asked of them
+  (``Shrinker.stats().chunks_requested``) every 20 ms. In each 50 ms interval the bytes asked
+  of all caches together are due to each cache in proportion to its holding / cost at the
+  interval's start; over the window, a cache's error is the bytes asked of it over the bytes
+  due to it, minus 1. The largest ``|error|`` is reported. Target: within 10 % (0.10).
+  (``share_error_by_mean`` compares each cache's share of all asks with its share of the mean
+  holdings / cost instead: coarser, as holdings settle at the start.)
 * ``mean_usage``: the group's mean working set (``usage - total_inactive_file``, what the
   controller steers by) over the window as a fraction of the limit, from the monitor's readings;
   ``mean_usage_raw`` the same of ``memory.usage_in_bytes``. Target: at least 80 %.
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import faulthandler
 import itertools
 import json
 import multiprocessing
@@ -84,6 +88,8 @@ MEAN_SIZE = SIZE_UNIT * (SIZE_STEPS + 1) // 2
 COSTS = (1.0, 2.0)
 #: Seconds between a worker's samples of its holdings and counters.
 SAMPLE_EVERY = 0.02
+#: Makes a process of ours in the group print its threads' stacks (a signal gunicorn leaves alone).
+STACKS_SIGNAL = signal.SIGRTMIN + 3
 #: Seconds between the monitor's readings of the group.
 MONITOR_EVERY = 0.005
 
@@ -128,6 +134,9 @@ class Holder:
 
     def __init__(self, index: int, caches: int, dump_dir: str) -> None:
         from pyshrinker import ChunkCache
+
+        # A run that does not end prints every thread's stack of every process (see stacks()).
+        faulthandler.register(STACKS_SIGNAL, all_threads=True)
 
         self.index = index
         self.dump_dir = dump_dir
@@ -220,6 +229,8 @@ def serve_gunicorn(args: argparse.Namespace) -> int:
     """In the group: gunicorn's arbiter on the inherited listening socket."""
     from gunicorn.app.base import BaseApplication
 
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+
     caches = args.caches
 
     def post_fork(server: Any, worker: Any) -> None:
@@ -275,6 +286,7 @@ def _pool_task(keys: list[int]) -> tuple[int, int]:
 def drive_pool(args: argparse.Namespace) -> int:
     """In the group: a Pool of ``--workers`` processes fed batches of Zipf keys until told to stop
     (a line on stdin), then closed so every worker dumps its figures."""
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Value("i", 0)
     zipf = Zipf(args.keys, args.zipf, seed=1)
@@ -450,6 +462,14 @@ def wait_for_high(monitor: Monitor, timeout: float) -> float:
     return monitor.first_high
 
 
+def stacks(group: Any) -> None:
+    """Have every process in our group print its threads' stacks (to our stderr)."""
+    for pid in group.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, STACKS_SIGNAL)
+    time.sleep(2)
+
+
 def end_process(proc: subprocess.Popen[Any], group: Any, grace: float) -> None:
     """Stop the process we started and anything left in our group (all ours), by pid."""
     if proc.poll() is None:
@@ -457,6 +477,7 @@ def end_process(proc: subprocess.Popen[Any], group: Any, grace: float) -> None:
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
+            stacks(group)
             proc.kill()
             proc.wait()
     deadline = time.monotonic() + 10
@@ -568,7 +589,11 @@ def run_one(
         if kind == "gunicorn":
             end_process(proc, group, 30)
         else:
-            proc.communicate(timeout=60)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                stacks(group)
+                raise
         result["oom_kills"] = group.oom_kills()
         result["peak_mib"] = round(group.peak() / MiB, 1)
         result["loaded_s"] = round(loaded_for, 1)
@@ -589,7 +614,7 @@ def run_one(
                 dumps.append(json.load(f))
         os.unlink(path)
     os.rmdir(dump_dir)
-    result.update(worker_figures(dumps, caches, window_start, window_end, result["had_to_go"]))
+    result.update(worker_figures(dumps, window_start, window_end, result["had_to_go"]))
     result["processes_dumped"] = len(dumps)
     result["roles"] = sorted(d["role"] for d in dumps)
     result["controllers"] = len({d["leader"] for d in dumps})
@@ -605,47 +630,85 @@ def run_one(
     return result
 
 
-def _at(samples: list[list[float]], t: float) -> list[float]:
-    """The last sample taken at or before ``t`` (the first if none)."""
-    times = [s[0] for s in samples]
-    i = bisect.bisect_right(times, t) - 1
-    return samples[max(0, i)]
+#: Seconds of the intervals over which asks are compared with the holdings at their start.
+SHARE_INTERVAL = 0.05
 
 
-def worker_figures(
-    dumps: list[dict[str, Any]], caches: int, start: float, end: float, had_to_go: int
-) -> dict[str, Any]:
-    """Evicted bytes, hit rate and each cache's asked share against its fair share."""
-    hits = misses = freed = 0
-    asked: list[float] = []
-    fair: list[float] = []
-    for dump in dumps:
-        samples = dump["samples"]
-        first, last = _at(samples, start), _at(samples, end)
-        inside = [s for s in samples if start <= s[0] <= end] or [last]
-        for c in range(len(dump["costs"])):
-            o = 1 + 5 * c
-            hits += last[o + 1] - first[o + 1]
-            misses += last[o + 2] - first[o + 2]
-            asked.append((last[o + 3] - first[o + 3]) * CHUNK)
-            freed += (last[o + 4] - first[o + 4]) * CHUNK
-            mean_held = sum(s[o] for s in inside) / len(inside) * CHUNK
-            fair.append(mean_held / dump["costs"][c])
+class Series:
+    """One cache's samples: cumulative counters and holdings, by time."""
+
+    def __init__(self, samples: list[list[float]], cache: int, cost: float) -> None:
+        o = 1 + 5 * cache
+        self.times = [s[0] for s in samples]
+        self.rows = [s[o : o + 5] for s in samples]  # held, hits, misses, requested, freed
+        self.cost = cost
+
+    def at(self, t: float) -> list[float]:
+        """The last sample taken at or before ``t`` (the first if none)."""
+        return self.rows[max(0, bisect.bisect_right(self.times, t) - 1)]
+
+    def mean_held(self, start: float, end: float) -> float:
+        inside = [r[0] for t, r in zip(self.times, self.rows, strict=True) if start <= t <= end]
+        return sum(inside) / len(inside) if inside else self.at(end)[0]
+
+
+def share_errors(series: list[Series], start: float, end: float) -> tuple[list[float], list[float]]:
+    """Each cache's bytes asked against its fair share of the asks, minus 1, two ways.
+
+    First: in each SHARE_INTERVAL, the bytes asked of all caches are due to each in proportion
+    to its holding / cost at the interval's start (what the controller saw when it decided);
+    summed over the window, each cache's asks over what was due to it. Second: its share of all
+    asks against its share of the mean holdings / cost over the window (coarser: a run's start,
+    when holdings are still settling, weighs as much as any other moment).
+    """
+    due = [0.0] * len(series)
+    t = start
+    while t < end:
+        t_next = min(end, t + SHARE_INTERVAL)
+        asked = sum((s.at(t_next)[3] - s.at(t)[3]) for s in series)
+        weights = [s.at(t)[0] / s.cost for s in series]
+        total = sum(weights)
+        if asked and total:
+            for i, w in enumerate(weights):
+                due[i] += asked * w / total
+        t = t_next
+    asked = [s.at(end)[3] - s.at(start)[3] for s in series]
+    by_interval = [a / d - 1 if d else float("nan") for a, d in zip(asked, due, strict=True)]
+    fair = [s.mean_held(start, end) / s.cost for s in series]
     total_asked, total_fair = sum(asked), sum(fair)
-    errors = [
+    by_mean = [
         (a / total_asked) / (f / total_fair) - 1 if total_asked and f else float("nan")
         for a, f in zip(asked, fair, strict=True)
     ]
+    return by_interval, by_mean
+
+
+def worker_figures(
+    dumps: list[dict[str, Any]], start: float, end: float, had_to_go: int
+) -> dict[str, Any]:
+    """Evicted bytes, hit rate, holdings and each cache's asked share against its fair share."""
+    series = [
+        Series(dump["samples"], c, cost) for dump in dumps for c, cost in enumerate(dump["costs"])
+    ]
+    first = [s.at(start) for s in series]
+    last = [s.at(end) for s in series]
+    hits = sum(b[1] - a[1] for a, b in zip(first, last, strict=True))
+    misses = sum(b[2] - a[2] for a, b in zip(first, last, strict=True))
+    freed = sum(b[4] - a[4] for a, b in zip(first, last, strict=True)) * CHUNK
+    by_interval, by_mean = share_errors(series, start, end)
     lookups = hits + misses
     return {
         "lookups": lookups,
         "lookups_per_s": round(lookups / (end - start)),
         "hit_rate": hits / lookups if lookups else float("nan"),
+        "cache_mib": round(sum(s.mean_held(start, end) for s in series) * CHUNK / MiB, 1),
         "evicted_mib": round(freed / MiB, 1),
         "had_to_go_mib": round(had_to_go / MiB, 1),
         "evicted_ratio": freed / had_to_go if had_to_go else float("nan"),
-        "share_errors": [round(e, 3) for e in errors],
-        "share_error": max((abs(e) for e in errors), default=float("nan")),
+        "share_errors": [round(e, 3) for e in by_interval],
+        "share_error": max((abs(e) for e in by_interval), default=float("nan")),
+        "share_errors_by_mean": [round(e, 3) for e in by_mean],
+        "share_error_by_mean": max((abs(e) for e in by_mean), default=float("nan")),
     }
 
 
@@ -673,8 +736,8 @@ def verdicts(row: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     head = (
         f"{'kind':<9}{'N':>3}{'limit':>6} {'election':<9}{'oom':>4}{'ep':>5}"
-        f"{'evict/need':>11}{'share err':>10}{'usage':>7}{'raw':>6}{'hits':>7}"
-        f"{'base':>7}{'req/s':>7}{'ctl':>4}  missed"
+        f"{'evict/need':>11}{'share err':>10}{'(mean)':>7}{'usage':>7}{'raw':>6}{'hits':>7}"
+        f"{'base':>7}{'cache':>7}{'req/s':>7}{'ctl':>4}  missed"
     )
     print(head)
     print("-" * len(head))
@@ -683,8 +746,9 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
         print(
             f"{row['kind']:<9}{row['workers']:>3}{row['limit_mib']:>6} {row['election']:<9}"
             f"{row['oom_kills']:>4}{row['episodes']:>5}{row['evicted_ratio']:>11.2f}"
-            f"{row['share_error']:>10.3f}{row['mean_usage']:>7.1%}{row['mean_usage_raw']:>6.0%}"
+            f"{row['share_error']:>10.3f}{row['share_error_by_mean']:>7.3f}{row['mean_usage']:>7.1%}{row['mean_usage_raw']:>6.0%}"
             f"{row['hit_rate']:>7.1%}{(f'{base:.1%}' if base is not None else '-'):>7}"
+            f"{row['cache_mib']:>7.0f}"
             f"{row['lookups_per_s']:>7}{row['controllers']:>4}  {','.join(row['missed']) or '-'}"
         )
 
@@ -748,34 +812,50 @@ def main(argv: list[str] | None = None) -> int:
         "pool": [int(x) for x in args.pool_workers.split(",") if x],
     }
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     load = os.getloadavg()[0]
     for kind in kinds:
         for workers in counts[kind]:
             for limit in limits:
                 base = None
-                if not args.no_baseline:
-                    base = run_one(kind, workers, limit, True, True, args)
-                    base["missed"] = verdicts(base, None)
-                    rows.append(base)
-                    print(json.dumps(base), file=sys.stderr, flush=True)
-                for election in modes:
-                    row = run_one(kind, workers, limit, election, False, args)
-                    if base is not None:
+                plan = [(True, True)] if not args.no_baseline else []
+                for election, baseline in [*plan, *((m, False) for m in modes)]:
+                    try:
+                        row = run_one(kind, workers, limit, election, baseline, args)
+                    except Exception as err:
+                        # Reported, and the other runs go on: a failure is a figure too.
+                        label = "baseline" if baseline else ("on" if election else "off")
+                        failed.append(f"{kind} {workers} {limit} MiB {label}: {err!r}")
+                        print(failed[-1], file=sys.stderr, flush=True)
+                        continue
+                    if baseline:
+                        base = row
+                    elif base is not None:
                         row["baseline_hit_rate"] = base["hit_rate"]
-                    row["missed"] = verdicts(row, base)
+                    row["missed"] = verdicts(row, None if baseline else base)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     print(
         f"workers: {args.seconds:g} s measured a run, Zipf {args.zipf}, keys for "
-        f"{args.keyspace:g}x the limit, load average {load:.1f} at the start; targets: {TARGETS}"
+        f"{args.keyspace:g}x the limit, load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; targets: {TARGETS}"
     )
     print_table(rows)
+    for line in failed:
+        print(f"FAILED {line}")
+    end_load = os.getloadavg()[0]
     print(
         json.dumps(
-            {"benchmark": "workers", "seconds": args.seconds, "load_average": load, "runs": rows}
+            {
+                "benchmark": "workers",
+                "seconds": args.seconds,
+                "load_average": [round(load, 1), round(end_load, 1)],
+                "runs": rows,
+                "failed": failed,
+            }
         )
     )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
