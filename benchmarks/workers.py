@@ -41,7 +41,8 @@ end of the load:
   controller steers by) over the window as a fraction of the limit, from the monitor's readings;
   ``mean_usage_raw`` the same of ``memory.usage_in_bytes``. Target: at least 80 %.
 * ``hit_rate``: cache hits / lookups over the window (the workers count them); beside it the
-  baseline's hit rate for the same caches in one process. Target: within 3 points of it.
+  baseline's hit rate for the same caches in one process. Target: within 3 points of it
+  (``hit_rate_gap``; ``hit_rate_gap_relative`` is the gap as a fraction of the baseline's).
 * ``controllers``: distinct processes running a controller for the workers' caches (from each
   worker's own report); with the election, the elected controller's status (``probe``, run in
   the group after the load) must list every worker as registered with it.
@@ -832,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
                         base = row
                     elif base is not None:
                         row["baseline_hit_rate"] = base["hit_rate"]
+                        row["hit_rate_gap"] = base["hit_rate"] - row["hit_rate"]
+                        row["hit_rate_gap_relative"] = row["hit_rate_gap"] / base["hit_rate"]
                     row["missed"] = verdicts(row, None if baseline else base)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
