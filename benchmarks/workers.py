@@ -195,8 +195,12 @@ class Holder:
         """Write everything to ``dump_dir/<pid>.json``."""
         self._stop.set()
         self._sample()
+        from pyshrinker.trim import trim_stats
+
         role, leader = self.role()
+        trims = trim_stats()
         out = {
+            "trim": [trims.trims, trims.deferred, trims.seconds, trims.untrimmed_bytes],
             "pid": os.getpid(),
             "index": self.index,
             "costs": self.costs,
@@ -617,6 +621,11 @@ def run_one(
     os.rmdir(dump_dir)
     result.update(worker_figures(dumps, window_start, window_end, result["had_to_go"]))
     result["processes_dumped"] = len(dumps)
+    # Heap trims after reclaim (pyshrinker.trim), whole run: run, put off, CPU ms per trim.
+    trims = [sum(d["trim"][i] for d in dumps) for i in range(4)]
+    result["trims"], result["trims_deferred"] = trims[0], trims[1]
+    result["trim_ms"] = round(trims[2] / trims[0] * 1000, 2) if trims[0] else None
+    result["untrimmed_mib"] = round(trims[3] / MiB, 1)
     result["roles"] = sorted(d["role"] for d in dumps)
     result["controllers"] = len({d["leader"] for d in dumps})
     if status is not None:
