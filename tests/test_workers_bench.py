@@ -27,7 +27,7 @@ def run_bench(*argv: str) -> list[dict[str, Any]]:
         text=True,
         timeout=240,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-12000:]  # a hung run prints its stacks
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert "skipped" not in figures, figures
     runs: list[dict[str, Any]] = figures["runs"]
