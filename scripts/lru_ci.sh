@@ -93,8 +93,8 @@ setup() {
     return 0
 }
 
-# A copy of the package for venv $1 in $BUILD/$2, with _lru.c compiled for its interpreter; more
-# compiler flags after. Prints the directory to put on PYTHONPATH.
+# A copy of the package for venv $1 in $BUILD/$2, with _lru.c (and _eventfd_fast.c, the other
+# CPython extension) compiled for its interpreter; more compiler flags after. Prints the directory to put on PYTHONPATH.
 build_package() {
     local python=$1/bin/python name=$2 dir=$BUILD/$2
     shift 2
@@ -112,6 +112,10 @@ build_package() {
     gcc -shared -fPIC -g -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
         -Werror -I"$include" "$@" src/pyshrinker/_lru.c -o "$dir/pyshrinker/_lru$suffix" \
         || die "$name: _lru.c does not build cleanly"
+    gcc -shared -fPIC -g -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
+        -Werror -I"$include" "$@" src/pyshrinker/_eventfd_fast.c \
+        -o "$dir/pyshrinker/_eventfd_fast$suffix" \
+        || die "$name: _eventfd_fast.c does not build cleanly"
     echo "$dir"
 }
 
