@@ -88,7 +88,7 @@ def _store(name: str) -> _Store:
         return store
 
 
-class ShrinkableCache(BaseCache):  # type: ignore[misc]
+class ShrinkableCache(BaseCache):
     """Django's ``LocMemCache``, held in a :class:`~pyshrinker.ShrinkableLRU`.
 
     ``MAX_ENTRIES`` (with ``CULL_FREQUENCY``) caps the number of entries as in
