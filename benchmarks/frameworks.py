@@ -188,43 +188,45 @@ def run_service(
         PYSHRINKER_EXAMPLE_VALUE_SIZE=str(value_size),
         PYSHRINKER_EXAMPLE_MAX_ENTRIES="" if max_entries is None else str(max_entries),
     )
-    log = tempfile.NamedTemporaryFile(prefix="pyshrinker-gunicorn-", suffix=".log", delete=False)
     argv = [
         sys.executable, "-m", "gunicorn", "--chdir", EXAMPLES, "--bind", "127.0.0.1:0",
         "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
         "--timeout", "120", "--graceful-timeout", "5", APPS[framework],
     ]  # fmt: skip
-    proc = group.spawn(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
-    try:
-        port = _wait_for_port(log.name, proc, timeout=120)
-        _wait_ready(port, timeout=120)
-        tally = drive(port, plan, clients, value_size, group)
-        stats: dict[str, Any] = {}
+    with tempfile.NamedTemporaryFile(prefix="pyshrinker-gunicorn-", suffix=".log") as log:
         try:
-            stats = json.loads(_get(port, "/stats")[1])
-        except (OSError, ValueError):
-            pass
-        answered = tally["ok"]
-        return {
-            "framework": framework,
-            "cache": cache,
-            "max_entries": max_entries,
-            "requests": len(plan),
-            "answered": answered,
-            "hit_rate": round(tally["hits"] / answered, 4) if answered else 0.0,
-            "wrong": tally["wrong"],
-            "failed": tally["failed"],
-            "errors": tally["errors"],
-            "oom_kills": group.oom_kills(),
-            "peak_mib": round(group.peak() / MiB, 1),
-            "requests_per_s": round((answered + tally["failed"]) / tally["seconds"], 1),
-            "master_alive": proc.poll() is None,
-            "worker_stats": stats,
-        }
-    finally:
-        _stop(proc, group)
-        log.close()
-        os.unlink(log.name)
+            proc = group.spawn(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        except BaseException:
+            group.remove()
+            raise
+        try:
+            port = _wait_for_port(log.name, proc, timeout=120)
+            _wait_ready(port, timeout=120)
+            tally = drive(port, plan, clients, value_size, group)
+            stats: dict[str, Any] = {}
+            try:
+                stats = json.loads(_get(port, "/stats")[1])
+            except (OSError, ValueError):
+                pass
+            answered = tally["ok"]
+            return {
+                "framework": framework,
+                "cache": cache,
+                "max_entries": max_entries,
+                "requests": len(plan),
+                "answered": answered,
+                "hit_rate": round(tally["hits"] / answered, 4) if answered else 0.0,
+                "wrong": tally["wrong"],
+                "failed": tally["failed"],
+                "errors": tally["errors"],
+                "oom_kills": group.oom_kills(),
+                "peak_mib": round(group.peak() / MiB, 1),
+                "requests_per_s": round((answered + tally["failed"]) / tally["seconds"], 1),
+                "master_alive": proc.poll() is None,
+                "worker_stats": stats,
+            }
+        finally:
+            _stop(proc, group)
 
 
 def _stop(proc: subprocess.Popen[bytes], group: ManagedCgroupV1) -> None:
