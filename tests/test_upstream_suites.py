@@ -63,8 +63,19 @@ def sdist(distribution: str, version: str) -> Path:
     pattern = str(CACHE / f"{distribution.lower()}-{version}.tar.gz")
     if not glob.glob(pattern):
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             "--dest", str(CACHE), f"{distribution}=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(CACHE),
+                f"{distribution}=={version}",
+            ],
             check=True,
         )
     (archive,) = glob.glob(pattern)
@@ -127,8 +138,15 @@ def test_django_cache_suite(report_figure: Callable[..., None]) -> None:
     require_installed("Django", DJANGO_VERSION)
     tests = sdist("Django", DJANGO_VERSION) / "tests"
     proc = subprocess.run(
-        [sys.executable, "runtests.py", "cache", "--settings=pyshrinker_django_settings",
-         "--parallel", "2", "--noinput"],
+        [
+            sys.executable,
+            "runtests.py",
+            "cache",
+            "--settings=pyshrinker_django_settings",
+            "--parallel",
+            "2",
+            "--noinput",
+        ],
         cwd=tests,
         env=environment(),
         capture_output=True,
@@ -150,8 +168,18 @@ def test_cachelib_simple_cache_suite(report_figure: Callable[..., None]) -> None
     require_installed("cachelib", CACHELIB_VERSION)
     root = sdist("cachelib", CACHELIB_VERSION)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "pyshrinker_cachelib_plugin", "-p",
-         "no:cacheprovider", "-q", "-rfE", "tests/test_simple_cache.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "pyshrinker_cachelib_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rfE",
+            "tests/test_simple_cache.py",
+        ],
         cwd=root,
         env=environment(),
         capture_output=True,
