@@ -22,7 +22,7 @@ state; the whole run's too), OOM kills, failed requests, the group's peak
 (``memory.max_usage_in_bytes``) and requests per second. Figures are printed, never asserted;
 the last line is one JSON object.
 
-    python benchmarks/frameworks.py                      # both frameworks (~15 min)
+    python benchmarks/frameworks.py                      # both frameworks (~10 min)
     python benchmarks/frameworks.py --framework flask --requests 10000
 """
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-mib", type=int, default=256)
     parser.add_argument("--keys", type=int, default=16_000)
     parser.add_argument("--value-kib", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--zipf", type=float, default=0.9)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)

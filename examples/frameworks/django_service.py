@@ -17,7 +17,6 @@ import json
 
 import django
 from django.conf import settings
-
 from service_common import CACHE_KIND, MAX_ENTRIES, cache_figures, value_for
 
 _options = {} if MAX_ENTRIES is None else {"MAX_ENTRIES": MAX_ENTRIES}

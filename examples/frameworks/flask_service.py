@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from flask import Flask, Response, jsonify
 from flask_caching import Cache
-
 from service_common import CACHE_KIND, MAX_ENTRIES, cache_figures, value_for
 
 app = Flask(__name__)
