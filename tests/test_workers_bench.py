@@ -60,7 +60,6 @@ def test_gunicorn_workers_elect_one_controller(v1_group) -> None:
 
     (``v1_group`` only checks the v1 hierarchy is there; the benchmark makes its own groups.)
     """
-    pytest.importorskip("gunicorn", reason="gunicorn is in the bench extra")
     (on,) = run_bench("--kinds", "gunicorn", "--modes", "on")
     check_run(on, 2)
     check_elected(on, 2)
