@@ -52,6 +52,7 @@ from pyshrinker.lru import (
     shrinkable_cache,
 )
 from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
+from pyshrinker.ttl import ShrinkableTLRUCache, ShrinkableTTLCache
 from pyshrinker.transport import EmbeddedTransport, FilesTransport, Transport
 
 # A library stays quiet unless the application configures logging (and Python's last-resort
@@ -84,6 +85,8 @@ __all__ = [
     "ShrinkRequest",
     "ShrinkableCachedFunction",
     "ShrinkableLRU",
+    "ShrinkableTLRUCache",
+    "ShrinkableTTLCache",
     "Shrinker",
     "ShrinkerInfo",
     "ShrinkerStats",

@@ -255,10 +255,21 @@ class _Registered(_Base):
         with self._report_lock:
             if self._closed:
                 return 0
+            # No report in the middle of a request: what it frees is its answer.
+            self._sync_lo, self._sync_hi = _SSIZE_MIN, sys.maxsize
+            held = self.chunks
+            try:
+                first = self._reclaim_first()
+            except Exception:
+                # A key's __eq__ or a timer raised: the request goes on with the LRU entries.
+                log.exception("%s: dropping expired entries failed", self._shrinker.name)
+                first = []
+            asked = max(0, asked - (held - self.chunks))
             entries, _freed_bytes, pairs = self._evict_chunks(
-                asked, self._chunk_size, self._on_evict is not None
+                asked, self._chunk_size, self._collect_evicted
             )
-            self._evicted_on_request += entries
+            pairs = first + pairs if pairs else first
+            self._evicted_on_request += entries + len(first)
             total = self._mem_total
             self._set_sync_window(total)
             chunks = -(-total // self._chunk_size)
@@ -274,6 +285,15 @@ class _Registered(_Base):
         # The entries die here; the shrinker trims the heap after the request (pyshrinker.trim).
         del pairs
         return freed
+
+    @property
+    def _collect_evicted(self) -> bool:
+        """Whether a request's evictions are listed (for :meth:`_evicted`)."""
+        return self._on_evict is not None
+
+    def _reclaim_first(self) -> list[tuple[Any, Any]]:
+        """Hook: drop what goes before the least recently used (expired entries); the pairs."""
+        return []
 
     def _evicted(self, pairs: list[tuple[Any, Any]]) -> None:
         """Call ``on_evict(key, value)`` for each evicted entry; errors are logged."""
@@ -521,7 +541,7 @@ class ShrinkableLRU(_Registered, LRUCore, MutableMapping[K, V]):
 
     def __deepcopy__(self: _Self_LRU, memo: dict[int, Any]) -> _Self_LRU:
         # The settings (sizers, on_evict, transport) are shared; the rest is copied deep.
-        new = self._blank(self._settings)
+        new = self._blank(self._deep_settings(memo))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             if key not in new.__dict__:
@@ -532,17 +552,24 @@ class ShrinkableLRU(_Registered, LRUCore, MutableMapping[K, V]):
         self._copy_state(new)
         return new
 
+    def _deep_settings(self, memo: dict[int, Any]) -> dict[str, Any]:
+        """The settings of a deep copy (hook: a TTL cache's timer is copied)."""
+        return self._settings
+
     def __reduce__(self) -> tuple[Any, ...]:
         # A new registration where it is unpickled: the transport is that process's default.
         settings = dict(self._settings, transport=None)
         own = self._setup_names
         extra = {key: value for key, value in self.__dict__.items() if key not in own}
-        return (_unpickle, (type(self), settings), (extra, self._entries()))
+        return (_unpickle, (type(self), settings), self._state(extra))
 
-    def __setstate__(self, state: tuple[dict[str, Any], list[tuple[Any, Any, int, int]]]) -> None:
-        extra, entries = state
-        self.__dict__.update(extra)
-        for key, value, size, nbytes in entries:
+    def _state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """What is pickled besides the settings (hook: a TTL cache adds its expiry times)."""
+        return {"attrs": extra, "entries": self._entries()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state["attrs"])
+        for key, value, size, nbytes in state["entries"]:
             self._put(key, value, size, nbytes)
 
     @property
