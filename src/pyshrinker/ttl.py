@@ -78,6 +78,8 @@ class _Timed(ShrinkableLRU[K, V]):
     ``_expires`` maps each key to its expiry time; the subclass keeps the order they expire in.
     Every entry of the core has one, and only they: entries the core drops on its own (for
     ``maxsize``, or a request) come back through :meth:`_evicted`, which drops their times.
+    The operations that change both hold the report lock, which a shrink request (on the
+    listener thread) holds too: a request never sees an entry without its time, or the reverse.
     """
 
     _timer: _Timer[Any]
@@ -145,9 +147,10 @@ class _Timed(ShrinkableLRU[K, V]):
         return self.__missing__(key)
 
     def __delitem__(self, key: K) -> None:
-        LRUCore.__delitem__(self, key)
-        expires = self._expires.pop(key, _MARKER)
-        self._forgotten(key)
+        with self._report_lock:
+            LRUCore.__delitem__(self, key)
+            expires = self._expires.pop(key, _MARKER)
+            self._forgotten(key)
         if expires is not _MARKER and not (self._timer() < expires):
             # As cachetools: an expired entry is removed, and was missing.
             raise KeyError(key)
@@ -167,7 +170,7 @@ class _Timed(ShrinkableLRU[K, V]):
             return self[key] if key in self else default
 
     def pop(self, key: K, default: Any = _MARKER) -> Any:  # type: ignore[override]
-        with self._timer:
+        with self._report_lock, self._timer:
             if key in self:
                 value = self[key]
                 del self[key]
@@ -177,7 +180,7 @@ class _Timed(ShrinkableLRU[K, V]):
             return default
 
     def setdefault(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
-        with self._timer:
+        with self._report_lock, self._timer:
             if key in self:
                 return self[key]
             self[key] = default
@@ -185,7 +188,7 @@ class _Timed(ShrinkableLRU[K, V]):
 
     def popitem(self) -> tuple[K, V]:
         """Remove and return the least recently used pair that has not expired."""
-        with self._timer as now:
+        with self._report_lock, self._timer as now:
             self.expire(now)
             key, value = LRUCore.popitem(self)
             self._expires.pop(key, None)
@@ -193,9 +196,10 @@ class _Timed(ShrinkableLRU[K, V]):
             return key, value
 
     def clear(self) -> None:
-        LRUCore.clear(self)
-        self._expires.clear()
-        self._forgotten(_MARKER)
+        with self._report_lock:
+            LRUCore.clear(self)
+            self._expires.clear()
+            self._forgotten(_MARKER)
 
     def _store(self, key: K, value: V, expires: Any) -> None:
         """Set, with the expiry time computed (the caller has dropped the expired entries)."""
@@ -291,7 +295,7 @@ class ShrinkableTTLCache(_Timed[K, V]):
         return self._ttl
 
     def __setitem__(self, key: K, value: V) -> None:
-        with self._timer as now:
+        with self._report_lock, self._timer as now:
             expires = now + self._ttl
             self.expire(now)
             self._store(key, value, expires)
@@ -302,12 +306,13 @@ class ShrinkableTTLCache(_Timed[K, V]):
             time = self._timer()
         expires = self._expires
         expired: list[tuple[K, V]] = []
-        while expires:
-            key, when = next(iter(expires.items()))
-            if time < when:
-                break
-            del expires[key]
-            self._pop_expired(key, expired)
+        with self._report_lock:
+            while expires:
+                key, when = next(iter(expires.items()))
+                if time < when:
+                    break
+                del expires[key]
+                self._pop_expired(key, expired)
         return expired
 
 
@@ -365,7 +370,7 @@ class ShrinkableTLRUCache(_Timed[K, V]):
         return self._ttu
 
     def __setitem__(self, key: K, value: V) -> None:
-        with self._timer as now:
+        with self._report_lock, self._timer as now:
             self.expire(now)
             expires = self._ttu(key, value, now)
             if not (now < expires):
@@ -375,7 +380,7 @@ class ShrinkableTLRUCache(_Timed[K, V]):
                     self._forgotten(key)
                 return
             self._store(key, value, expires)
-        self._push(key, expires)
+            self._push(key, expires)
 
     def _push(self, key: Any, expires: Any) -> None:
         heapq.heappush(self._heap, (expires, next(self._order), key))
@@ -399,15 +404,17 @@ class ShrinkableTLRUCache(_Timed[K, V]):
         """Remove expired items from the cache and return the expired ``(key, value)`` pairs."""
         if time is None:
             time = self._timer()
-        heap, expires = self._heap, self._expires
+        expires = self._expires
         expired: list[tuple[K, V]] = []
-        while heap and not (time < heap[0][0]):
-            when, _order, key = heapq.heappop(heap)
-            current = expires.get(key, _MARKER)
-            if current is _MARKER or (current is not when and current != when):
-                continue  # set again since, or gone
-            del expires[key]
-            self._pop_expired(key, expired)
+        with self._report_lock:
+            heap = self._heap
+            while heap and not (time < heap[0][0]):
+                when, _order, key = heapq.heappop(heap)
+                current = expires.get(key, _MARKER)
+                if current is _MARKER or (current is not when and current != when):
+                    continue  # set again since, or gone
+                del expires[key]
+                self._pop_expired(key, expired)
         return expired
 
 

@@ -23,8 +23,9 @@ import tarfile
 from pathlib import Path
 from types import ModuleType
 
-#: The cachetools release whose test suite runs against our caches (pyproject's test extra).
-CACHETOOLS_VERSION = "8.0.2"
+#: The cachetools release whose test suite runs against our caches (pyproject's test extra
+#: pins the same: 8.x needs Python 3.11).
+CACHETOOLS_VERSION = "8.0.2" if sys.version_info >= (3, 11) else "7.3.3"
 #: Where the sdists are kept: the repository's .cache/upstream (not committed).
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "upstream"
 #: The name the cachetools tests package is imported under (theirs is "tests", as ours).
