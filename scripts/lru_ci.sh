@@ -63,12 +63,15 @@ make_venv() {
     log "setting up $venv ($python)"
     rm -rf "$venv"
     "$python" -m venv "$venv"
-    # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip install -q --no-compile $(echo $deps) 2>&1 | { grep -v -E '^WARNING: Location|ResourceWarning|_get_index_content' || true; } >&2
+    # A requirements file: a dependency may have an environment marker, with spaces in it.
+    echo "$deps" >"$venv/lru-ci-requirements.txt"
+    "$venv/bin/python" -m pip install -q --no-compile -r "$venv/lru-ci-requirements.txt" 2>&1 | { grep -v -E '^WARNING: Location|ResourceWarning|_get_index_content' || true; } >&2
     # The package itself, editable, for its console scripts (which the tests run): the stages
     # put their own build first on PYTHONPATH.
     "$venv/bin/python" -m pip install -q --no-deps -e . 2>&1 | { grep -v -E '^WARNING: Location' || true; } >&2
     "$venv/bin/python" -c 'import cffi, attrs, pytest, hypothesis, cachetools'
+    # The cachetools sdist whose tests run on this interpreter (tests/upstream/sources.py).
+    "$venv/bin/python" -m tests.upstream.sources >/dev/null
     echo "$stamp" >"$venv/.lru-ci-stamp"
 }
 

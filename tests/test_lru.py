@@ -175,7 +175,7 @@ class TestConstruction:
 
 
 class TestSizes:
-    """Entry sizes: 1 by default, the user's getsizeof otherwise; bytes: sys.getsizeof or memsize."""
+    """Sizes: 1 by default, or the user's getsizeof; bytes: sys.getsizeof, or memsize."""
 
     def test_default_counts_entries(self, lru):
         """maxsize=3 holds three entries, whatever their size, as cachetools.LRUCache(3) does."""
@@ -224,8 +224,11 @@ class TestSizes:
 
     def test_memsize_errors(self, lru):
         """A memsize that raises, returns a negative or non-int, leaves the cache unchanged."""
-        for bad, error in [(lambda v: 1 / 0, ZeroDivisionError), (lambda v: -1, ValueError),
-                           (lambda v: "1", TypeError)]:
+        for bad, error in [
+            (lambda v: 1 / 0, ZeroDivisionError),
+            (lambda v: -1, ValueError),
+            (lambda v: "1", TypeError),
+        ]:
             cache = lru(memsize=bad)
             cache_ok = cache.get("k")
             with pytest.raises(error):
@@ -598,14 +601,13 @@ class TestViews:
         cache.update({"a": b"x" * 1, "b": b"y" * 2, "c": [1]})
         cache.get("a")
         cache.extra = {"kept": True}
-        if how == "pickle":
-            # The transport is the process's default where it is unpickled: make it ours here.
-            new = pickle.loads(pickle.dumps(cache))
-        else:
-            new = getattr(copy, how)(cache)
+        # A pickled cache uses the process's default transport where it is unpickled.
+        new = pickle.loads(pickle.dumps(cache)) if how == "pickle" else getattr(copy, how)(cache)
         try:
             assert new is not cache and type(new) is type(cache)
-            assert list(new.items()) == list(cache.items()) == [("b", b"yy"), ("c", [1]), ("a", b"x")]
+            assert (
+                list(new.items()) == list(cache.items()) == [("b", b"yy"), ("c", [1]), ("a", b"x")]
+            )
             assert (new.currsize, new.maxsize, new.stats().nbytes) == (4, 4, 4)
             assert new.chunk_size == 100 and new.shrinker.name == "orig"
             assert new.shrinker.efd != cache.shrinker.efd

@@ -339,6 +339,7 @@ class TestSizeOverflow:
 
     def test_a_size_of_sys_maxsize(self, lru, ctl):
         """One entry of sys.maxsize is stored, reported, and a request frees it."""
+
         def itself(v):
             return v
 

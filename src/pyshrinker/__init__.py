@@ -52,8 +52,8 @@ from pyshrinker.lru import (
     shrinkable_cache,
 )
 from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
-from pyshrinker.ttl import ShrinkableTLRUCache, ShrinkableTTLCache
 from pyshrinker.transport import EmbeddedTransport, FilesTransport, Transport
+from pyshrinker.ttl import ShrinkableTLRUCache, ShrinkableTTLCache
 
 # A library stays quiet unless the application configures logging (and Python's last-resort
 # handler, which prints warnings to stderr when no handler exists, is not used).

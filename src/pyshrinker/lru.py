@@ -763,9 +763,9 @@ def shrinkable_cache(
     more than once for the same arguments when threads race, as functools does.
 
     In addition it is registered with the controller: results are reckoned in bytes with
-    ``memsize`` (:func:`sys.getsizeof` by default) and reported as chunks of ``chunk_size`` bytes, and a
-    shrink request evicts least recently used results. ``@shrinkable_cache`` without parentheses
-    works too. The other arguments are :class:`ShrinkableLRU`'s.
+    ``memsize`` (:func:`sys.getsizeof` by default) and reported as chunks of ``chunk_size``
+    bytes, and a shrink request evicts least recently used results. ``@shrinkable_cache``
+    without parentheses works too. The other arguments are :class:`ShrinkableLRU`'s.
 
     .. versionadded:: 0.1.0
     """
@@ -806,8 +806,8 @@ def shrinkable_cache(
 
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
     "CACHETOOLS_MIN_VERSION",
+    "DEFAULT_CHUNK_SIZE",
     "TRIM_AFTER_BYTES",
     "CacheInfo",
     "LRUStats",

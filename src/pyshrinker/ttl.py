@@ -118,11 +118,11 @@ class _Timed(ShrinkableLRU[K, V]):
         return self._timer
 
     @property
-    def currsize(self) -> int:  # type: ignore[override]
+    def currsize(self) -> int:
         """The current size of the cache, once the expired entries are dropped."""
         with self._timer as now:
             self.expire(now)
-            return LRUCore.currsize.__get__(self)  # type: ignore[attr-defined,no-any-return]
+            return super().currsize
 
     def __len__(self) -> int:
         with self._timer as now:
@@ -165,11 +165,12 @@ class _Timed(ShrinkableLRU[K, V]):
                 if expires is not _MARKER and now < expires:
                     yield key
 
-    def get(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: K, default: Any = None) -> Any:
         with self._timer:
-            return self[key] if key in self else default
+            # As cachetools' Cache.get: [] (not get()), so a subclass's __missing__ is not called.
+            return self[key] if key in self else default  # noqa: SIM401
 
-    def pop(self, key: K, default: Any = _MARKER) -> Any:  # type: ignore[override]
+    def pop(self, key: K, default: Any = _MARKER) -> Any:
         with self._report_lock, self._timer:
             if key in self:
                 value = self[key]
@@ -179,7 +180,7 @@ class _Timed(ShrinkableLRU[K, V]):
                 raise KeyError(key)
             return default
 
-    def setdefault(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+    def setdefault(self, key: K, default: Any = None) -> Any:
         with self._report_lock, self._timer:
             if key in self:
                 return self[key]
@@ -354,7 +355,9 @@ class ShrinkableTLRUCache(_Timed[K, V]):
             batch_bytes=batch_bytes,
         )
 
-    def _setup(self, *, ttu: Callable[[Any, Any, Any], Any], timer: Callable[[], Any], **settings: Any) -> None:  # type: ignore[override]
+    def _setup(  # type: ignore[override]
+        self, *, ttu: Callable[[Any, Any, Any], Any], timer: Callable[[], Any], **settings: Any
+    ) -> None:
         self._ttu = ttu
         self._expires = {}
         # (expires, order, key): the earliest first; entries no longer current are skipped

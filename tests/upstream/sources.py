@@ -46,9 +46,22 @@ def cachetools_tests_dir() -> Path:
     sdist = CACHE / f"cachetools-{CACHETOOLS_VERSION}.tar.gz"
     if not sdist.is_file():
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             f"cachetools=={CACHETOOLS_VERSION}", "-d", str(CACHE)],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"cachetools=={CACHETOOLS_VERSION}",
+                "-d",
+                str(CACHE),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0 or not sdist.is_file():
             raise UpstreamMissing(
@@ -90,7 +103,7 @@ def load_cpython_test_functools() -> ModuleType:
     try:
         return importlib.import_module("test.test_functools")
     except ImportError as err:
-        version = "%d.%d" % sys.version_info[:2]
+        version = "{}.{}".format(*sys.version_info[:2])
         raise UpstreamMissing(
             f"{sys.executable} has no test.test_functools ({err}): install its test package "
             f"(Debian: apt-get install libpython{version}-testsuite)"
