@@ -27,6 +27,7 @@ from pyshrinker import (
     Shrinker,
     settle,
 )
+from pyshrinker.errors import DependencyVersionError
 from pyshrinker.lru import DEFAULT_CHUNK_SIZE, TRIM_AFTER_BYTES
 
 from .cache_contract import LRUCacheContract
@@ -107,6 +108,27 @@ class TestCachetoolsContract(LRUCacheContract):
 
 class TestConstruction:
     """Arguments, defaults and registration."""
+
+    def test_a_cachetools_cache(self, lru):
+        """With cachetools installed, the cache is a cachetools.Cache: cached() reports it."""
+        cache = lru(2)
+        assert isinstance(cache, cachetools.Cache)
+        square = cachetools.cached(cache, info=True)(lambda x: x * x)
+        assert [square(2), square(2), square(3)] == [4, 4, 9]
+        assert square.cache_info() == (1, 2, 2, 2)
+
+    def test_old_cachetools_refused(self, lru, monkeypatch):
+        """An older cachetools than supported is named, with the version needed."""
+        old = type(sys)("cachetools")
+        old.__version__ = "4.2.4"  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "cachetools", old)
+        problem = pyshrinker.lru._join_cachetools()
+        assert problem is not None and "4.2.4" in problem and ">=5.5" in problem
+        monkeypatch.setattr(pyshrinker.lru, "_CACHETOOLS_PROBLEM", problem)
+        with pytest.raises(DependencyVersionError, match=r"cachetools>=5\.5"):
+            lru()
+        with pytest.raises(ImportError):
+            lru()
 
     def test_defaults(self, lru, ctl):
         """No maxsize, 1 per entry, 4 KiB chunks, registered with cost 1."""
