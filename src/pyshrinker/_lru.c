@@ -589,14 +589,30 @@ store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size,
                      size, c->total);
         return -1;
     }
-    /* Evictions could bring the bytes back under the limit, but a sum that cannot be made
-       before them is refused: nothing is evicted for a store that is then refused. */
     if (bytes > PY_SSIZE_T_MAX - mem_others) {
-        PyErr_Format(PyExc_OverflowError,
-                     "cannot store a value of %zd bytes: the cache's bytes (%zd) would pass "
-                     "sys.maxsize",
-                     bytes, c->mem_total);
-        return -1;
+        /* Only the evictions for the caps below could make room: count the bytes they would
+           free, changing nothing (a store refused must evict nothing). They take the nodes
+           least recently used first, skipping n, while the new entry is over a cap. */
+        Py_ssize_t o = others, e = entries, m = mem_others;
+        for (Node *v = c->root.next; v != &c->root; v = v->next) {
+            int over = (c->max_total >= 0 && size > c->max_total - o) ||
+                       (c->max_entries >= 0 && e > c->max_entries);
+            if (!over) {
+                break;
+            }
+            if (v != n) {
+                o -= v->size;
+                e--;
+                m -= v->bytes;
+            }
+        }
+        if (bytes > PY_SSIZE_T_MAX - m) {
+            PyErr_Format(PyExc_OverflowError,
+                         "cannot store a value of %zd bytes: the cache's bytes (%zd) would pass "
+                         "sys.maxsize",
+                         bytes, c->mem_total);
+            return -1;
+        }
     }
     Node *fresh = NULL;
     if (n == NULL) {

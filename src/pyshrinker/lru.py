@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import math
 import re
@@ -702,6 +703,11 @@ class ShrinkableCachedFunction(_Registered, LRUFunction, Generic[R]):
         # and calls they make count after the clear.
         self._reset_stats()
         self._clear()
+
+    # inspect shows them as functools' (C methods without annotations): "()".
+    cache_info.__signature__ = cache_clear.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    )
 
     def cache_parameters(self) -> dict[str, Any]:
         """``{"maxsize": ..., "typed": ...}``, as ``functools.lru_cache`` reports."""
