@@ -192,3 +192,22 @@ class TestThreads:
         consistent(cache)
         cache.flush()
         assert count(ctl, cache) == cache.chunks
+
+
+class TestViews:
+    def test_expired_not_shown(self, timed):
+        """items(), values() and keys() leave out expired entries not yet dropped, as iter."""
+        cache, clock = timed()
+        cache["old"] = 1
+        clock.now = 5
+        cache["new"] = 2
+        clock.now = 11
+        assert list(cache.items()) == [("new", 2)]
+        assert list(cache.values()) == [2]
+        assert list(cache.keys()) == ["new"]
+        assert ("old", 1) not in cache.items() and ("new", 2) in cache.items()
+        assert cache.stats().hits == 0
+        with pytest.raises(KeyError):
+            cache["old"]
+        assert cache.stats().hits == 0
+        consistent(cache)

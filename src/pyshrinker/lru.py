@@ -316,14 +316,16 @@ class _SnapshotItems(ItemsView[K, V]):
     _mapping: ShrinkableLRU[K, V]
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
-        return iter(self._mapping._items())
+        return iter(self._mapping._view_items())
 
     def __contains__(self, item: object) -> bool:
         if not isinstance(item, tuple) or len(item) != 2:
             return False
         key, value = item
         found = self._mapping._peek(key, _MISSING)
-        return found is not _MISSING and (found is value or found == value)
+        if found is _MISSING or not self._mapping._live(key):
+            return False
+        return found is value or found == value
 
 
 class _SnapshotValues(ValuesView[V]):
@@ -332,7 +334,7 @@ class _SnapshotValues(ValuesView[V]):
     _mapping: ShrinkableLRU[Any, V]
 
     def __iter__(self) -> Iterator[V]:
-        return iter([value for _key, value in self._mapping._items()])
+        return iter([value for _key, value in self._mapping._view_items()])
 
 
 def _count_one(value: object) -> int:
@@ -581,6 +583,14 @@ class ShrinkableLRU(_Registered, LRUCore, MutableMapping[K, V]):
     def stats(self) -> LRUStats:
         """Entries, bytes, chunks, hits and misses (of ``get`` and ``[]``), evictions."""
         return self._stats(len(self))
+
+    def _view_items(self) -> list[tuple[K, V]]:
+        """The pairs the views show (hook: a TTL cache leaves out the expired ones)."""
+        return self._items()
+
+    def _live(self, key: object) -> bool:
+        """Whether an entry under key counts (hook: a TTL cache's expired ones do not)."""
+        return True
 
     def items(self) -> ItemsView[K, V]:
         """A view of the items; iterating it takes a snapshot, least recently used first."""

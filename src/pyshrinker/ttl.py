@@ -142,8 +142,8 @@ class _Timed(ShrinkableLRU[K, V]):
         expires = self._expires.get(key, _MARKER)
         if expires is _MARKER or self._timer() < expires:
             return LRUCore.__getitem__(self, key)  # type: ignore[no-any-return]
-        # Expired, not yet dropped: missing (and, as cachetools does, used most recently).
-        LRUCore.get(self, key)
+        # Expired, not yet dropped: missing. (cachetools also marks it used; here that would
+        # count a hit, and changes nothing: every set, popitem and request drops it first.)
         return self.__missing__(key)
 
     def __delitem__(self, key: K) -> None:
@@ -157,6 +157,14 @@ class _Timed(ShrinkableLRU[K, V]):
 
     def _forgotten(self, key: Any) -> None:
         """Hook: ``key``'s time was just dropped from ``_expires``."""
+
+    def _view_items(self) -> list[tuple[K, V]]:
+        with self._timer as now:
+            expires = self._expires
+            return [(k, v) for k, v in self._items() if now < expires.get(k, now)]
+
+    def _live(self, key: object) -> bool:
+        return key in self
 
     def __iter__(self) -> Iterator[K]:
         for key in list(LRUCore.__iter__(self)):
