@@ -2,6 +2,7 @@
 
 ``cache``: a ChunkCache (through ``$PYSHRINKER_CONTROLLER_DIR``) kept filled to a target at a
 given rate, entries of one chunk each, every page touched; it gives back what the daemon asks.
+It runs for ``--seconds`` and until it has put ``--put-mib`` in all.
 ``neighbour``: allocates a block of memory at a given rate, holds it, frees it, pauses, again;
 it registers nothing.
 
@@ -40,7 +41,9 @@ def run_cache(args: argparse.Namespace) -> dict[str, object]:
     end = start + args.seconds
     next_at = start
     key = 0
-    while time.monotonic() < end:
+    # --put-mib: go on past the time until that much was put (a slow machine still gets there).
+    put_at_least = args.put_mib * MiB // args.chunk_size
+    while time.monotonic() < end or key < put_at_least:
         if cache.chunks >= target:
             time.sleep(0.002)
             next_at = time.monotonic()
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--target-mib", type=int, required=True)
     cache.add_argument("--rate-mib", type=float, default=50.0)
     cache.add_argument("--seconds", type=float, required=True)
+    cache.add_argument("--put-mib", type=int, default=0, help="put at least this much in all")
     neighbour = roles.add_parser("neighbour")
     neighbour.add_argument("--mib", type=int, required=True)
     neighbour.add_argument("--rate-mib", type=float, default=200.0)

@@ -1,8 +1,10 @@
-"""Build script for ``pyshrinker._native``, the only C the package has.
+"""Build script for ``pyshrinker._native``, the syscalls' C.
 
-Every C declaration pyshrinker uses lives here (cffi API mode, compiled out of line by
-``pip install``). Each helper returns ``-errno`` on failure instead of leaving errno to be
-read later, so :mod:`pyshrinker._syscalls` can turn results into ``OSError`` in one place.
+Every C declaration pyshrinker's syscalls use lives here (cffi API mode, compiled out of line
+by ``pip install``), but eventfd read and write, which are in ``_eventfd_fast.c`` because cffi
+cannot keep the GIL around a call (see ``_syscalls``). Each helper returns ``-errno`` on failure
+instead of leaving errno to be read later, so :mod:`pyshrinker._syscalls` can turn results into
+``OSError`` in one place.
 Nothing outside ``_syscalls`` imports the compiled module.
 """
 
@@ -16,8 +18,6 @@ static const int PYS_EFD_NONBLOCK;
 static const int PYS_EFD_SEMAPHORE;
 
 int pys_eventfd(unsigned int initval, int flags);
-int pys_eventfd_read(int fd, uint64_t *value);
-int pys_eventfd_write(int fd, uint64_t value);
 int pys_eventfd_write_within(int fd, uint64_t value, long timeout_ns);
 int pys_deadline_signal(void);
 int pys_pidfd_open(int pid, unsigned int flags);
@@ -52,19 +52,6 @@ static const int PYS_EFD_SEMAPHORE = EFD_SEMAPHORE;
 static int pys_eventfd(unsigned int initval, int flags) {
     int fd = eventfd(initval, flags);
     return fd < 0 ? -errno : fd;
-}
-
-/* An eventfd is read and written 8 bytes at a time; anything shorter is EINVAL. */
-static int pys_eventfd_read(int fd, uint64_t *value) {
-    ssize_t n = read(fd, value, sizeof *value);
-    if (n < 0) return -errno;
-    return n == sizeof *value ? 0 : -EIO;
-}
-
-static int pys_eventfd_write(int fd, uint64_t value) {
-    ssize_t n = write(fd, &value, sizeof value);
-    if (n < 0) return -errno;
-    return n == sizeof value ? 0 : -EIO;
 }
 
 /*

@@ -1,16 +1,22 @@
 """Thin Python face of the compiled ``_native`` module.
 
-The one place where C results become Python values and :class:`OSError`. ``EINTR`` is
-retried here and nowhere else. Public modules import these functions, never ``ffi``/``lib``.
+The one place where C results become Python values and :class:`OSError`. Only eventfd reads
+and writes can see ``EINTR`` from a signal: ``_eventfd_fast`` retries them, after running the
+signal handlers.
+Public modules import these functions, never ``ffi``/``lib``.
+
+Reading and writing an eventfd go through ``_eventfd_fast`` instead of cffi: cffi releases the
+GIL around every call, and on a non-blocking eventfd (which never waits) that only lets a busy
+thread take the GIL for a switch interval (5 ms) before the caller gets it back.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import os
 
-from pyshrinker._native import ffi, lib
+from pyshrinker import _eventfd_fast
+from pyshrinker._native import lib
 
 #: The largest value an eventfd counter can hold (the kernel refuses 2**64 - 1).
 EVENTFD_MAX = 2**64 - 2
@@ -34,23 +40,18 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _retry(call, what: str) -> int:  # type: ignore[no-untyped-def]
-    while True:
-        result = call()
-        if result != -errno.EINTR:
-            return _check(result, what)
-
-
 def eventfd(initval: int = 0, flags: int = EventfdFlag.CLOEXEC) -> int:
     """Create an eventfd and return its file descriptor."""
     return _check(lib.pys_eventfd(initval, flags), "eventfd")
 
 
 def eventfd_read(fd: int) -> int:
-    """Read (and reset) an eventfd's counter; raises BlockingIOError if non-blocking and zero."""
-    value = ffi.new("uint64_t *")
-    _retry(lambda: lib.pys_eventfd_read(fd, value), "eventfd read")
-    return int(value[0])
+    """Read (and reset) an eventfd's counter; raises BlockingIOError if non-blocking and zero.
+
+    On a non-blocking fd the GIL is kept (the read cannot wait); on a blocking one it is
+    released while the read waits.
+    """
+    return _eventfd_fast.read(fd)
 
 
 def eventfd_drain(fd: int) -> int:
@@ -65,7 +66,7 @@ def eventfd_write(fd: int, value: int) -> None:
     """Add ``value`` (1 .. 2**64-2) to an eventfd's counter."""
     if not 0 < value <= EVENTFD_MAX:
         raise ValueError(f"eventfd value must be in 1..{EVENTFD_MAX}, got {value}")
-    _retry(lambda: lib.pys_eventfd_write(fd, value), "eventfd write")
+    _eventfd_fast.write(fd, value)
 
 
 #: The signal :func:`eventfd_write_within` interrupts its own wait with (handler: do nothing).

@@ -82,3 +82,10 @@ class ControllerFull(TransportError):
 
     .. versionadded:: 0.1.0
     """
+
+
+class FrameworkVersionError(PyshrinkerError, ImportError):
+    """An optional framework (Django, cachelib) is installed, but older than pyshrinker supports.
+
+    .. versionadded:: 0.1.0
+    """
