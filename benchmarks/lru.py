@@ -12,9 +12,10 @@ One run measures, interleaved, on the same precomputed workload:
 Workload: ``--ops`` operations (1,000,000) on keys drawn from a Zipf distribution (s = 1.0) over
 ``--keys`` keys (100,000), precomputed with a fixed seed (a CDF and bisect: no numpy); values are
 ``--value-size`` bytes (1 KiB) taken from a preallocated pool, so no run measures allocation;
-every cache holds ``--capacity`` entries (10,000). ShrinkableLRU caps bytes, not entries, so its
-``maxsize`` is ``capacity * sys.getsizeof(value)``: with values all the same size that is exactly
-``capacity`` entries, and its hit rate must equal the others' (checked). Each cache is measured
+every cache holds ``--capacity`` entries (10,000): ``maxsize=capacity``, as for cachetools (a
+ShrinkableLRU from before its sizes were cachetools', in a baseline, capped bytes: there its
+``maxsize`` is ``capacity * sys.getsizeof(value)``, the same entries). The hit rates must all be
+equal (checked). Each cache is measured
 ``--runs`` times (5), interleaved, with the garbage collector off during the timed loop as timeit
 does; the figure is the median. The pyshrinker caches are registered with a private controller
 that has no memory source, so nothing but the workload touches them.
@@ -23,10 +24,15 @@ Then the cost of a shrink request: a ShrinkableLRU of ``--shrink-entries`` entri
 is asked, through the controller, for half its chunks; the time from ``controller.request`` to
 ``pyshrinker.settle()`` returning (wake-up, eviction, heap trim) is divided by the entries evicted.
 
+``--baseline REF`` measures, in the same run and interleaved, the ShrinkableLRU and
+shrinkable_cache of git revision REF (say ``main``) too: its ``lru.py`` and ``_lru.c`` are taken
+from git, the C core compiled as setuptools compiles ours (the interpreter's CC and CFLAGS) and
+loaded beside ours under another name (``baseline_*`` in the figures).
+
 The machine is shared and noisy: compare the ratios within one run. The last line of output is one
 JSON object.
 
-    python benchmarks/lru.py
+    python benchmarks/lru.py [--baseline main]
 """
 
 from __future__ import annotations
@@ -36,14 +42,20 @@ import bisect
 import functools
 import gc
 import importlib
+import importlib.util
 import itertools
 import json
 import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -164,6 +176,62 @@ def measure_shrink(
         cache.close()
 
 
+def load_baseline(ref: str) -> types.ModuleType:
+    """pyshrinker.lru as it is at git revision ``ref``, beside ours: ``baseline_pyshrinker.lru``.
+
+    Its C core is built from ``ref``'s _lru.c with the interpreter's compiler and flags (as
+    setuptools builds ours) and imported as ``baseline_pyshrinker._lru`` (an extension module is
+    found by the last part of its name); its lru.py imports it instead of ours, and the rest of
+    pyshrinker (client, transport) is ours: the layers under the caches.
+    """
+    root = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, "show", f"{ref}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+
+    build = tempfile.mkdtemp(prefix="pyshrinker-baseline-")
+    source = os.path.join(build, "_lru.c")
+    with open(source, "w") as out:
+        out.write(show("src/pyshrinker/_lru.c"))
+    target = os.path.join(build, "_lru" + sysconfig.get_config_var("EXT_SUFFIX"))
+    config = sysconfig.get_config_vars()
+    command = [
+        *shlex.split(config["CC"]),
+        *shlex.split(config.get("CFLAGS") or ""),
+        *shlex.split(config.get("CCSHARED") or ""),
+        "-I" + sysconfig.get_paths()["include"],
+        "-shared",
+        source,
+        "-o",
+        target,
+    ]
+    subprocess.run(command, check=True)
+    package = types.ModuleType("baseline_pyshrinker")
+    package.__path__ = [build]
+    sys.modules["baseline_pyshrinker"] = package
+    spec = importlib.util.spec_from_file_location("baseline_pyshrinker._lru", target)
+    assert spec is not None and spec.loader is not None
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    sys.modules["baseline_pyshrinker._lru"] = core
+    code = show("src/pyshrinker/lru.py").replace(
+        "from pyshrinker._lru import", "from baseline_pyshrinker._lru import"
+    )
+    lru = types.ModuleType("baseline_pyshrinker.lru")
+    sys.modules["baseline_pyshrinker.lru"] = lru
+    exec(compile(code, f"{ref}:src/pyshrinker/lru.py", "exec"), lru.__dict__)
+    return lru
+
+
+def counts_entries(cls: type[Any]) -> bool:
+    """Whether a ShrinkableLRU class's default getsizeof is cachetools' (1 per entry)."""
+    return bool(cls.getsizeof(b"x" * 100) == 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=1_000_000)
@@ -174,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=20130103)
     parser.add_argument("--shrink-entries", type=int, default=100_000)
+    parser.add_argument("--baseline", metavar="REF", help="also measure git revision REF's caches")
     args = parser.parse_args(argv)
+    baseline = load_baseline(args.baseline) if args.baseline else None
 
     print(f"precomputing {args.ops:,} Zipf({args.zipf_s}) keys over {args.keys:,} ...", flush=True)
     names = [f"key-{i}" for i in range(args.keys)]
@@ -192,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     def load(key: str) -> bytes:
         return value_of[key]
 
+    def lru_maker(cls: type[Any]) -> Callable[[], Any]:
+        maxsize = capacity if counts_entries(cls) else capacity * entry_bytes
+        return lambda: cls(maxsize=maxsize, transport=transport)
+
     mappings: dict[str, Callable[[], Any]] = {
-        "shrinkable_lru": lambda: ShrinkableLRU(
-            maxsize=capacity * entry_bytes, transport=transport
-        ),
+        "shrinkable_lru": lru_maker(ShrinkableLRU),
         "cachetools_lru": lambda: cachetools.LRUCache(capacity),
         "lru_dict": lambda: lru_dict.LRU(capacity),
         "ordereddict_lru": lambda: OrderedDictLRU(capacity),
@@ -204,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         "shrinkable_cache": lambda: shrinkable_cache(maxsize=capacity, transport=transport)(load),
         "functools_lru": lambda: functools.lru_cache(maxsize=capacity)(load),
     }
+    if baseline is not None:
+        mappings["baseline_shrinkable_lru"] = lru_maker(baseline.ShrinkableLRU)
+        decorators["baseline_shrinkable_cache"] = lambda: baseline.shrinkable_cache(
+            maxsize=capacity, transport=transport
+        )(load)
     times: dict[str, list[float]] = {name: [] for name in [*mappings, *decorators]}
     hit_rates: dict[str, float] = {}
 
@@ -213,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             ns, misses = run_mapping(cache, keys, values)
             times[name].append(ns)
             hit_rates[name] = 1 - misses / args.ops
-            if isinstance(cache, ShrinkableLRU):
+            if hasattr(cache, "close"):
                 cache.close()
         for name, make in decorators.items():
             function = make()
@@ -265,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{shrink_ns / 1e6:.2f} ms, {shrink_evicted:,.0f} evicted, "
         f"{shrink_ns / shrink_evicted:.0f} ns per evicted entry"
     )
+    if baseline is not None:
+        lru_vs_baseline = median["shrinkable_lru"] / median["baseline_shrinkable_lru"]
+        cache_vs_baseline = median["shrinkable_cache"] / median["baseline_shrinkable_cache"]
+        print(f"ShrinkableLRU / {args.baseline}'s        = {lru_vs_baseline:.3f}")
+        print(f"shrinkable_cache / {args.baseline}'s     = {cache_vs_baseline:.3f}")
     if not same_hits:
         print("WARNING: hit rates differ; the caches did not hold the same entries")
 
@@ -291,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         }
     )
+    if baseline is not None:
+        result["baseline"] = args.baseline
+        result["shrinkable_lru_vs_baseline"] = round(lru_vs_baseline, 3)
+        result["shrinkable_cache_vs_baseline"] = round(cache_vs_baseline, 3)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -178,7 +178,7 @@ def make_runner(workload: str, side: str) -> Callable[[float], None]:
         ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * KiB)
         pyshrinker.set_reaction_switch_interval(0.001)
     lru: pyshrinker.ShrinkableLRU[int, str] = pyshrinker.ShrinkableLRU(
-        maxsize=JSON_CACHE_BYTES if workload == "json_service" else None, getsizeof=len
+        maxsize=JSON_CACHE_BYTES if workload == "json_service" else None, getsizeof=len, memsize=len
     )
     if workload == "json_service":
         return lambda scale: json_service(scale, lru)

@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     controller.add_request_hook(count_asked)
     sizes = [16 << 10, 32 << 10, 64 << 10, 128 << 10]
     chunk_cache: ChunkCache[int, bytes] = ChunkCache(4096, name="stress-chunks")
-    lru: ShrinkableLRU[int, bytes] = ShrinkableLRU(name="stress-lru", getsizeof=len)
+    lru: ShrinkableLRU[int, bytes] = ShrinkableLRU(name="stress-lru", memsize=len)
 
     @shrinkable_cache(maxsize=None, name="stress-function")
     def render(key: int) -> bytes:

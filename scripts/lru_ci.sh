@@ -5,7 +5,8 @@
 #                                       python3.11-dbg through apt (as root), and a venv per
 #                                       interpreter in .venvs/ with the test dependencies
 #   bash scripts/lru_ci.sh [STAGE...]   run every stage, or the ones named:
-#     pythons  the tests not marked `kernel`, on every CPython >= 3.10 under pyenv
+#     pythons  the tests not marked `kernel`, on every CPython >= 3.10 under pyenv (with them the
+#              upstream suites of tests/upstream: cachetools', and that CPython's lru_cache tests)
 #     debug    the whole suite under python3.11-dbg, with _lru.c built with Py_DEBUG
 #     leaks    the refcount and memory-block check of every LRU operation (tests/test_lru_leaks.py)
 #              under python3.11-dbg, $PYSHRINKER_LEAK_ITERATIONS times each (10000, in 3 rounds)
@@ -62,12 +63,15 @@ make_venv() {
     log "setting up $venv ($python)"
     rm -rf "$venv"
     "$python" -m venv "$venv"
-    # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip install -q --no-compile $(echo $deps) 2>&1 | { grep -v -E '^WARNING: Location|ResourceWarning|_get_index_content' || true; } >&2
+    # A requirements file: a dependency may have an environment marker, with spaces in it.
+    echo "$deps" >"$venv/lru-ci-requirements.txt"
+    "$venv/bin/python" -m pip install -q --no-compile -r "$venv/lru-ci-requirements.txt" 2>&1 | { grep -v -E '^WARNING: Location|ResourceWarning|_get_index_content' || true; } >&2
     # The package itself, editable, for its console scripts (which the tests run): the stages
     # put their own build first on PYTHONPATH.
     "$venv/bin/python" -m pip install -q --no-deps -e . 2>&1 | { grep -v -E '^WARNING: Location' || true; } >&2
     "$venv/bin/python" -c 'import cffi, attrs, pytest, hypothesis, cachetools'
+    # The cachetools sdist whose tests run on this interpreter (tests/upstream/sources.py).
+    "$venv/bin/python" -m tests.upstream.sources >/dev/null
     echo "$stamp" >"$venv/.lru-ci-stamp"
 }
 
@@ -77,6 +81,9 @@ setup() {
     if [[ -x $DEBUG_PYTHON ]] && ! "$DEBUG_PYTHON" -c 'import ensurepip' 2>/dev/null; then
         need_apt+=(python3.11-venv)
     fi
+    # CPython's own lru_cache tests (tests/upstream/test_functools_suite.py) are the running
+    # interpreter's Lib/test/test_functools.py: Debian ships them apart.
+    [[ -f /usr/lib/python3.11/test/test_functools.py ]] || need_apt+=(libpython3.11-testsuite)
     if ((${#need_apt[@]})); then
         if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
             apt-get update -qq
@@ -206,6 +213,7 @@ print("asan:", m.__file__)' || die "asan: the instrumented build is not the one 
     # --capture=sys: a sanitizer's report is written to file descriptor 2, which must reach us.
     run_pytest .venv "$path" --capture=sys tests/test_lru.py tests/test_lru_safety.py \
         tests/test_shrinkable_cache.py tests/test_lru_accounting.py tests/test_lru_fuzz.py \
+        tests/upstream \
         || die "asan: the LRU tests fail under the sanitizers"
     local seconds=${PYSHRINKER_FUZZ_SECONDS:-150}
     log "asan: the stateful fuzz for $seconds s"

@@ -31,6 +31,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The upstream test suites' sources (tests/upstream/sources.py): the pinned cachetools sdist.
+.venv/bin/python -m tests.upstream.sources >/dev/null
 # virtme-ng boots the test guest (scripts/vm-test.sh); a test tool, not a dependency.
 [[ -x .venv/bin/vng ]] || .venv/bin/python -m pip install -q virtme-ng
 

@@ -50,14 +50,15 @@ class _Entries:
     def items(self) -> list[tuple[int, int]]:
         return [(key, value) for key, (value, _size) in self.entries.items()]
 
-    def _evict_for(
-        self, key: int, size: int, max_total: int | None, max_entries: int | None, tell: bool
-    ) -> None:
-        """Evict least recently used entries (never key) until one of size fits the caps."""
+    def _victims(
+        self, key: int, size: int, max_total: int | None, max_entries: int | None
+    ) -> list[int]:
+        """The least recently used entries (never key) to evict until one of size fits."""
         present = key in self.entries
         others = self.currsize - (self.entries[key][1] if present else 0)
         count = len(self.entries) + (not present)
-        for victim in list(self.entries):
+        victims = []
+        for victim, (_value, victim_size) in self.entries.items():
             over = (max_total is not None and others + size > max_total) or (
                 max_entries is not None and count > max_entries
             )
@@ -65,9 +66,17 @@ class _Entries:
                 break
             if victim == key:
                 continue
-            value, victim_size = self.entries.pop(victim)
+            victims.append(victim)
             others -= victim_size
             count -= 1
+        return victims
+
+    def _evict_for(
+        self, key: int, size: int, max_total: int | None, max_entries: int | None, tell: bool
+    ) -> None:
+        """Evict least recently used entries (never key) until one of size fits the caps."""
+        for victim in self._victims(key, size, max_total, max_entries):
+            value, _size = self.entries.pop(victim)
             self.evicted_by_maxsize += 1
             if tell:
                 self.told.append((victim, value))
@@ -83,11 +92,18 @@ class _Entries:
         max_entries: int | None,
         tell: bool,
     ) -> int | None:
-        """The C core's store(): the value kept (keep and present), else None after storing."""
+        """The C core's store(): the value kept (keep and present), else None after storing.
+
+        The model's sizes are the bytes too (the fuzz gives the same sizer for both, or counts
+        entries with a cap): a sum past sys.maxsize is refused, before any eviction, unless
+        the evictions for the caps would bring it back under.
+        """
         if keep and key in self.entries:
             return self.entries[key][0]
         others = self.currsize - (self.entries[key][1] if key in self.entries else 0)
-        if max_total is None and others + size > sys.maxsize:
+        victims = self._victims(key, size, max_total, max_entries)
+        left = others - sum(self.entries[victim][1] for victim in victims)
+        if left + size > sys.maxsize:
             raise ModelError(OverflowError)
         self._evict_for(key, size, max_total, max_entries, tell)
         self.entries[key] = (value, size)

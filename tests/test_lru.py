@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import pickle
 import sys
 import threading
@@ -26,6 +27,7 @@ from pyshrinker import (
     Shrinker,
     settle,
 )
+from pyshrinker.errors import DependencyVersionError
 from pyshrinker.lru import DEFAULT_CHUNK_SIZE, TRIM_AFTER_BYTES
 
 from .cache_contract import LRUCacheContract
@@ -107,11 +109,32 @@ class TestCachetoolsContract(LRUCacheContract):
 class TestConstruction:
     """Arguments, defaults and registration."""
 
+    def test_a_cachetools_cache(self, lru):
+        """With cachetools installed, the cache is a cachetools.Cache: cached() reports it."""
+        cache = lru(2)
+        assert isinstance(cache, cachetools.Cache)
+        square = cachetools.cached(cache, info=True)(lambda x: x * x)
+        assert [square(2), square(2), square(3)] == [4, 4, 9]
+        assert square.cache_info() == (1, 2, 2, 2)
+
+    def test_old_cachetools_refused(self, lru, monkeypatch):
+        """An older cachetools than supported is named, with the version needed."""
+        old = type(sys)("cachetools")
+        old.__version__ = "4.2.4"  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "cachetools", old)
+        problem = pyshrinker.lru._join_cachetools()
+        assert problem is not None and "4.2.4" in problem and ">=5.5" in problem
+        monkeypatch.setattr(pyshrinker.lru, "_CACHETOOLS_PROBLEM", problem)
+        with pytest.raises(DependencyVersionError, match=r"cachetools>=5\.5"):
+            lru()
+        with pytest.raises(ImportError):
+            lru()
+
     def test_defaults(self, lru, ctl):
-        """No maxsize, sys.getsizeof, 4 KiB chunks, registered with cost 1."""
+        """No maxsize, 1 per entry, 4 KiB chunks, registered with cost 1."""
         cache = lru()
         assert cache.maxsize is None
-        assert cache.getsizeof is sys.getsizeof
+        assert cache.getsizeof(b"x" * 1000) == cache.getsizeof(None) == 1
         assert cache.chunk_size == DEFAULT_CHUNK_SIZE == 4096
         info = [s for s in ctl[0].shrinkers() if s.key == cache.shrinker.efd]
         assert len(info) == 1
@@ -132,11 +155,29 @@ class TestConstruction:
         (info,) = [s for s in ctl[0].shrinkers() if s.key == cache.shrinker.efd]
         assert (info.chunk_size, info.cost) == (65536, 2.5)
 
-    @pytest.mark.parametrize("maxsize", [1.5, "10", True])
+    @pytest.mark.parametrize("maxsize", ["10", True, b"1"])
     def test_maxsize_type(self, lru, maxsize):
-        """maxsize is an int or None."""
+        """maxsize is a number or None."""
         with pytest.raises(TypeError):
             lru(maxsize)
+
+    @pytest.mark.parametrize("maxsize", [-1, -0.5, -math.inf, math.nan])
+    def test_maxsize_value(self, lru, maxsize):
+        """maxsize is not negative, nor NaN."""
+        with pytest.raises(ValueError):
+            lru(maxsize)
+
+    def test_maxsize_float(self, lru):
+        """maxsize=math.inf caps nothing; 2.5 holds what 2 holds; maxsize is kept as given."""
+        endless = lru(math.inf)
+        endless.update((i, i) for i in range(1000))
+        assert (len(endless), endless.currsize, endless.maxsize) == (1000, 1000, math.inf)
+        half = lru(2.5)
+        half.update((i, i) for i in range(5))
+        assert (list(half), half.maxsize) == ([3, 4], 2.5)
+        huge = lru(10**30)
+        huge.update((i, i) for i in range(5))
+        assert len(huge) == 5
 
     def test_bad_arguments(self, lru):
         """Non-callable getsizeof or on_evict, negative batch, zero chunk size are refused."""
@@ -156,7 +197,65 @@ class TestConstruction:
 
 
 class TestSizes:
-    """Entry sizes: sys.getsizeof by default, the user's getsizeof otherwise."""
+    """Sizes: 1 by default, or the user's getsizeof; bytes: sys.getsizeof, or memsize."""
+
+    def test_default_counts_entries(self, lru):
+        """maxsize=3 holds three entries, whatever their size, as cachetools.LRUCache(3) does."""
+        cache = lru(3)
+        for i in range(10):
+            cache[i] = bytes(100_000)
+        assert (list(cache), cache.currsize) == ([7, 8, 9], 3)
+        assert cache.stats().evicted_by_maxsize == 7
+
+    def test_subclass_getsizeof(self, lru):
+        """A subclass's getsizeof, static or a method, sizes the entries; an argument wins."""
+
+        class Static(ShrinkableLRU):
+            @staticmethod
+            def getsizeof(value):
+                return len(value)
+
+        class Method(ShrinkableLRU):
+            unit = 2
+
+            def getsizeof(self, value):
+                return self.unit * len(value)
+
+        static = lru(10, cls=Static)
+        static["a"] = b"12345"
+        method = lru(10, cls=Method)
+        method["a"] = b"12345"
+        given = lru(10, lambda v: 7, cls=Method)
+        given["a"] = b"12345"
+        assert (static.currsize, method.currsize, given.currsize) == (5, 10, 7)
+        with pytest.raises(ValueError, match="too large"):
+            method["b"] = b"123456"
+        assert list(method) == ["a"]
+
+    def test_memsize_apart_from_getsizeof(self, lru):
+        """memsize gives the bytes (the chunks); getsizeof the size maxsize caps."""
+        cache = lru(3, memsize=lambda v: 10_000)
+        cache.update({"a": 1, "b": 2})
+        assert (cache.currsize, cache.stats().nbytes, cache.chunks) == (2, 20_000, 5)
+        both = lru(100, getsizeof=len, memsize=lambda v: 3 * len(v))
+        both["a"] = b"x" * 40
+        assert (both.currsize, both.stats().nbytes) == (40, 120)
+        same = lru(100, getsizeof=len, memsize=len)
+        same["a"] = b"x" * 40
+        assert (same.currsize, same.stats().nbytes) == (40, 40)
+
+    def test_memsize_errors(self, lru):
+        """A memsize that raises, returns a negative or non-int, leaves the cache unchanged."""
+        for bad, error in [
+            (lambda v: 1 / 0, ZeroDivisionError),
+            (lambda v: -1, ValueError),
+            (lambda v: "1", TypeError),
+        ]:
+            cache = lru(memsize=bad)
+            cache_ok = cache.get("k")
+            with pytest.raises(error):
+                cache["k"] = 1
+            assert (len(cache), cache.currsize, cache.stats().nbytes, cache_ok) == (0, 0, 0, None)
 
     @pytest.mark.parametrize(
         "value",
@@ -176,10 +275,10 @@ class TestSizes:
         ids=lambda v: type(v).__name__,
     )
     def test_default_is_sys_getsizeof(self, lru, value):
-        """currsize is sys.getsizeof(value), including the fast path for exact bytes."""
+        """The bytes are sys.getsizeof(value), including the fast path for exact bytes."""
         cache = lru()
         cache["k"] = value
-        assert cache.currsize == sys.getsizeof(value)
+        assert (cache.currsize, cache.stats().nbytes) == (1, sys.getsizeof(value))
 
     def test_bytes_subclass_uses_sys_getsizeof(self, lru):
         """A bytes subclass is sized by sys.getsizeof (it has a __dict__ and GC header)."""
@@ -190,12 +289,12 @@ class TestSizes:
         blob = Blob(b"z" * 500)
         cache = lru()
         cache["k"] = blob
-        assert cache.currsize == sys.getsizeof(blob)
+        assert cache.stats().nbytes == sys.getsizeof(blob)
 
     def test_maxsize_counts_bytes(self, lru):
-        """maxsize = 3 values' sizes holds three of them."""
+        """With getsizeof=sys.getsizeof, maxsize = 3 values' sizes holds three of them."""
         value = b"v" * 1000
-        cache = lru(3 * sys.getsizeof(value))
+        cache = lru(3 * sys.getsizeof(value), getsizeof=sys.getsizeof)
         for i in range(10):
             cache[i] = value
         assert list(cache) == [7, 8, 9]
@@ -236,13 +335,13 @@ class TestChunks:
         cache = lru()
         for i in range(10):
             cache[i] = b"x" * 1000
-        assert cache.currsize == 10 * sys.getsizeof(b"x" * 1000)
+        assert cache.stats().nbytes == 10 * sys.getsizeof(b"x" * 1000)
         assert cache.chunks == 3
         assert cache.stats().chunks == 3
 
     def test_unbatched_reports_every_change(self, lru, ctl):
         """With batch_bytes=0 the count follows every set and delete without a flush."""
-        cache = lru(getsizeof=len, chunk_size=100, batch_bytes=0)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100, batch_bytes=0)
         cache["a"] = b"x" * 250
         assert count(ctl, cache) == 3
         cache["b"] = b"x" * 100
@@ -254,7 +353,7 @@ class TestChunks:
 
     def test_batched_until_flush(self, lru, ctl):
         """Below batch_bytes nothing is reported; flush reports exactly."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(50):
             cache[i] = b"x" * 100
         assert count(ctl, cache) == 0
@@ -263,7 +362,7 @@ class TestChunks:
 
     def test_batch_sent_when_exceeded(self, lru, ctl):
         """Moving currsize by more than batch_bytes reports without a flush."""
-        cache = lru(getsizeof=len, batch_bytes=MiB)
+        cache = lru(getsizeof=len, memsize=len, batch_bytes=MiB)
         for i in range(11):
             cache[i] = bytes(100_000)
         assert count(ctl, cache) == cache.chunks
@@ -273,7 +372,7 @@ class TestChunks:
 
     def test_every_removal_is_reported(self, lru, ctl):
         """pop, popitem, del, maxsize evictions and clear all reach the books after flush."""
-        cache = lru(10_000, getsizeof=len, chunk_size=100)
+        cache = lru(10_000, getsizeof=len, memsize=len, chunk_size=100)
         for i in range(40):
             cache[i] = b"x" * 700
         cache.pop(39)
@@ -295,7 +394,7 @@ class TestRequests:
 
     def test_least_recently_used_go_first(self, lru, ctl):
         """Asked for 3 one-chunk entries, the 3 least recently used are evicted."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(10):
             cache[i] = b"x" * 100
         cache[0]
@@ -308,7 +407,7 @@ class TestRequests:
 
     def test_whole_entries(self, lru, ctl):
         """Entries bigger than a chunk go whole; the extra freed chunks are accounted."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(10):
             cache[i] = b"x" * 250
         cache.flush()
@@ -320,7 +419,7 @@ class TestRequests:
 
     def test_more_than_held_empties(self, lru, ctl):
         """A request for everything empties the cache."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(10):
             cache[i] = b"x" * 150
         cache.flush()
@@ -330,7 +429,7 @@ class TestRequests:
 
     def test_unreported_growth_during_request(self, lru, ctl):
         """Growth not yet reported when a request comes is reported by the request."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(10):
             cache[i] = b"x" * 100
         cache.flush()
@@ -343,7 +442,7 @@ class TestRequests:
 
     def test_unreported_shrinkage_during_request(self, lru, ctl):
         """Deletes not yet reported when a request comes are accounted by it."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         for i in range(30):
             cache[i] = b"x" * 100
         cache.flush()
@@ -370,7 +469,7 @@ class TestRequests:
         try:
             blocker.report(1)
             blocker.flush()
-            cache = lru(getsizeof=len, chunk_size=100, batch_bytes=0)
+            cache = lru(getsizeof=len, memsize=len, chunk_size=100, batch_bytes=0)
             for i in range(10):
                 cache[i] = b"x" * 100
             assert ctl[0].request(blocker.efd, 1) == 1
@@ -391,7 +490,7 @@ class TestRequests:
         trims: list[int] = []
         recorder = pyshrinker.trim.HeapTrimmer(trim=lambda: trims.append(0) or True)
         monkeypatch.setattr(pyshrinker.trim, "_trimmer", recorder)
-        cache = lru(getsizeof=len)
+        cache = lru(getsizeof=len, memsize=len)
         for i in range(40):
             cache[i] = bytes(100_000)
         cache.flush()
@@ -402,7 +501,7 @@ class TestRequests:
 
     def test_closed_cache_frees_nothing(self, lru, ctl):
         """A request that reaches a closed cache's reclaim frees nothing."""
-        cache = lru(getsizeof=len, chunk_size=100)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100)
         cache["a"] = b"x" * 100
         cache.close()
         assert cache._reclaim(1) == 0
@@ -439,7 +538,7 @@ class TestOnEvict:
         def on_evict(key: Any, value: Any) -> None:
             seen.append((key, threading.current_thread().name))
 
-        cache = lru(getsizeof=len, chunk_size=100, on_evict=on_evict)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100, on_evict=on_evict)
         for i in range(5):
             cache[i] = b"x" * 100
         cache.flush()
@@ -517,13 +616,32 @@ class TestViews:
         cache["a"] = 1
         assert repr(cache) == "ShrinkableLRU({'a': 1}, maxsize=10, currsize=1)"
 
-    def test_no_copy_or_pickle(self, lru):
-        """A registration cannot be copied or pickled."""
-        cache = lru()
-        with pytest.raises(TypeError):
-            copy.copy(cache)
-        with pytest.raises(TypeError):
-            pickle.dumps(cache)
+    @pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+    def test_copies(self, lru, ctl, how):
+        """A copy has the entries, their order and sizes, the settings, and its own registration."""
+        cache = lru(4, getsizeof=len, memsize=len, chunk_size=100, batch_bytes=0, name="orig")
+        cache.update({"a": b"x" * 1, "b": b"y" * 2, "c": [1]})
+        cache.get("a")
+        cache.extra = {"kept": True}
+        # A pickled cache uses the process's default transport where it is unpickled.
+        new = pickle.loads(pickle.dumps(cache)) if how == "pickle" else getattr(copy, how)(cache)
+        try:
+            assert new is not cache and type(new) is type(cache)
+            assert (
+                list(new.items()) == list(cache.items()) == [("b", b"yy"), ("c", [1]), ("a", b"x")]
+            )
+            assert (new.currsize, new.maxsize, new.stats().nbytes) == (4, 4, 4)
+            assert new.chunk_size == 100 and new.shrinker.name == "orig"
+            assert new.shrinker.efd != cache.shrinker.efd
+            assert new.extra == {"kept": True}
+            assert (new.extra is cache.extra) == (how == "copy")
+            assert (new["c"] is cache["c"]) == (how == "copy")
+            new["d"] = b"zzz"
+            assert "b" not in new and "b" in cache and cache.currsize == 4
+            new._check()
+            cache._check()
+        finally:
+            new.close()
 
 
 # ---------------------------------------------------------------------- lifetime
@@ -534,7 +652,7 @@ class TestLifetime:
 
     def test_close(self, lru, ctl):
         """close unregisters, drops the entries and refuses new ones; it is idempotent."""
-        cache = lru(getsizeof=len, chunk_size=100, batch_bytes=0)
+        cache = lru(getsizeof=len, memsize=len, chunk_size=100, batch_bytes=0)
         cache["a"] = b"x" * 100
         efd = cache.shrinker.efd
         cache.close()
@@ -716,7 +834,7 @@ class TestThreads:
 
     def test_concurrent_use_and_requests(self, lru, ctl):
         """After the threads stop and a flush, the controller counts what the cache holds."""
-        cache = lru(200_000, getsizeof=len, chunk_size=512, batch_bytes=4096)
+        cache = lru(200_000, getsizeof=len, memsize=len, chunk_size=512, batch_bytes=4096)
         errors: list[BaseException] = []
         stop = threading.Event()
 

@@ -44,6 +44,7 @@ class LRUBooks(RuleBasedStateMachine):
         self.cache = ShrinkableLRU(
             maxsize,
             getsizeof=len,
+            memsize=len,
             chunk_size=chunk_size,
             batch_bytes=batch,
             transport=self.transport,

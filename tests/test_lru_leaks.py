@@ -10,8 +10,10 @@ which makes a missing reference count a failure.
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -97,6 +99,11 @@ def _mapping_operations(transport: Any) -> dict[str, Callable[[], object]]:
     odd: ShrinkableLRU[Any, Any] = ShrinkableLRU(getsizeof=odd_size, transport=transport)
     huge: ShrinkableLRU[Any, Any] = ShrinkableLRU(getsizeof=lambda v: v, transport=transport)
     huge["big"] = sys.maxsize - 10
+    odd_bytes: ShrinkableLRU[Any, Any] = ShrinkableLRU(memsize=odd_size, transport=transport)
+    huge_bytes: ShrinkableLRU[Any, Any] = ShrinkableLRU(memsize=lambda v: v, transport=transport)
+    huge_bytes["big"] = sys.maxsize - 10
+    plain: ShrinkableLRU[Any, Any] = ShrinkableLRU(10, transport=transport)
+    plain.update({"a": b"a", "b": (1, 2)})
     hostile: ShrinkableLRU[Any, Any] = ShrinkableLRU(getsizeof=hsize, transport=transport)
     for label in range(4):
         hostile[HKey(label, collide=True)] = HValue(label)
@@ -113,6 +120,22 @@ def _mapping_operations(transport: Any) -> dict[str, Callable[[], object]]:
     class Finalized:
         def __del__(self) -> None:
             pass
+
+    def unpickled() -> None:
+        # What pickle.loads(pickle.dumps(plain)) does, but registered with our private
+        # controller, not the default one (whose own thread allocates meanwhile).
+        rebuild, (cls, settings), state = plain.__reduce__()
+        state = pickle.loads(pickle.dumps(state))
+        new = rebuild(cls, dict(settings, transport=transport))
+        new.__setstate__(state)
+        new.close()
+
+    def bytes_of(size: object) -> Callable[[], None]:
+        def run() -> None:
+            sized["size"] = size
+            odd_bytes["k"] = 1
+
+        return run
 
     def sizes(size: object) -> Callable[[], None]:
         def run() -> None:
@@ -192,6 +215,11 @@ def _mapping_operations(transport: Any) -> dict[str, Callable[[], object]]:
         "getsizeof float": expect(TypeError, sizes(1.5)),
         "getsizeof huge": expect(OverflowError, sizes(1 << 70)),
         "sum overflows": expect(OverflowError, lambda: huge.__setitem__("more", 100)),
+        "memsize raises": expect(Boom, bytes_of(Boom)),
+        "memsize negative": expect(ValueError, bytes_of(-1)),
+        "bytes overflow": expect(OverflowError, lambda: huge_bytes.__setitem__("more", 100)),
+        "copy": lambda: (copy.copy(c).close(), copy.deepcopy(c).close()),
+        "pickle": unpickled,
         "unhashable key": expect(TypeError, lambda: c.__setitem__([1], b"x")),
         "closed": expect(ClosedError, lambda: closed.__setitem__("x", 1)),
         "eq raises": expect(Boom, trapped(raiser(), lambda: hostile.get(hostile_key))),
@@ -227,7 +255,7 @@ def _function_operations(transport: Any) -> dict[str, Callable[[], object]]:
     def fails(x: int) -> int:
         raise Boom("body")
 
-    sizes = shrinkable_cache(None, getsizeof=lambda r: 1 / 0, transport=transport)(body)
+    sizes = shrinkable_cache(None, memsize=lambda r: 1 / 0, transport=transport)(body)
 
     class Point:
         @shrinkable_cache(None, transport=transport)

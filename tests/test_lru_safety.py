@@ -339,10 +339,14 @@ class TestSizeOverflow:
 
     def test_a_size_of_sys_maxsize(self, lru, ctl):
         """One entry of sys.maxsize is stored, reported, and a request frees it."""
-        cache = lru(getsizeof=lambda v: v, batch_bytes=0, chunk_size=1 << 20)
+
+        def itself(v):
+            return v
+
+        cache = lru(getsizeof=itself, memsize=itself, batch_bytes=0, chunk_size=1 << 20)
         cache["a"] = sys.maxsize
         cache.flush()
-        assert cache.currsize == sys.maxsize
+        assert cache.currsize == cache.stats().nbytes == sys.maxsize
         assert ctl[0].count(cache.shrinker.efd) == cache.chunks == -(-sys.maxsize // (1 << 20))
         with pytest.raises(OverflowError):
             cache["b"] = 1
@@ -364,23 +368,36 @@ class TestSizeOverflow:
         assert_consistent(cache)
 
     @pytest.mark.parametrize("size", [sys.maxsize + 1, 2**64, -(2**64)])
-    def test_sizes_out_of_range(self, lru, size):
-        """A getsizeof result beyond a C size is an OverflowError, and stores nothing."""
-        cache = lru(getsizeof=lambda v: size)
+    @pytest.mark.parametrize("sizer", ["getsizeof", "memsize"])
+    def test_sizes_out_of_range(self, lru, size, sizer):
+        """A getsizeof or memsize result beyond a C size is an OverflowError, storing nothing."""
+        cache = lru(**{sizer: lambda v: size})
         with pytest.raises(OverflowError):
             cache["a"] = 1
         assert len(cache) == 0
-        assert cache.currsize == 0
+        assert cache.currsize == cache.stats().nbytes == 0
+
+    def test_bytes_past_sys_maxsize_refused(self, lru):
+        """Bytes that cannot be summed are refused, even with maxsize room, evicting nothing."""
+        cache = lru(10, memsize=lambda v: v, batch_bytes=0)
+        cache["a"] = sys.maxsize - 10
+        with pytest.raises(OverflowError, match=r"sys\.maxsize"):
+            cache["b"] = 100
+        assert list(cache) == ["a"]
+        cache["a"] = 100
+        cache["b"] = 100
+        assert (cache.currsize, cache.stats().nbytes) == (2, 200)
+        assert_consistent(cache)
 
     def test_cached_function_results(self, ctl):
         """The decorator refuses to cache a result that would overflow its size, and says so."""
         sizes = iter([sys.maxsize - 1, 5])
-        cached = shrinkable_cache(None, getsizeof=lambda r: next(sizes), transport=ctl[1])(str)
+        cached = shrinkable_cache(None, memsize=lambda r: next(sizes), transport=ctl[1])(str)
         try:
             assert cached(1) == "1"
             with pytest.raises(OverflowError):
                 cached(2)
             assert cached.cache_info().currsize == 1
-            assert cached.stats().currsize == sys.maxsize - 1
+            assert cached.stats().nbytes == sys.maxsize - 1
         finally:
             cached.close()

@@ -190,12 +190,12 @@ class TestEveryCacheGoesThroughIt:
     def test_lru_and_decorator(self, recorder) -> None:
         """ShrinkableLRU and @shrinkable_cache: the chunks their reclaim freed."""
         with private_controller() as (controller, transport):
-            lru: ShrinkableLRU[int, bytes] = ShrinkableLRU(getsizeof=len, transport=transport)
+            lru: ShrinkableLRU[int, bytes] = ShrinkableLRU(memsize=len, transport=transport)
             for i in range(10):
                 lru[i] = bytes(8192)
             lru.flush()
 
-            @shrinkable_cache(maxsize=None, getsizeof=lambda v: 4096, transport=transport)
+            @shrinkable_cache(maxsize=None, memsize=lambda v: 4096, transport=transport)
             def f(x: int) -> int:
                 return x
 

@@ -53,6 +53,7 @@ from pyshrinker.lru import (
 )
 from pyshrinker.subscribers import drop_on_oom, trim_on_pressure
 from pyshrinker.transport import EmbeddedTransport, FilesTransport, Transport
+from pyshrinker.ttl import ShrinkableTLRUCache, ShrinkableTTLCache
 
 # A library stays quiet unless the application configures logging (and Python's last-resort
 # handler, which prints warnings to stderr when no handler exists, is not used).
@@ -84,6 +85,8 @@ __all__ = [
     "ShrinkRequest",
     "ShrinkableCachedFunction",
     "ShrinkableLRU",
+    "ShrinkableTLRUCache",
+    "ShrinkableTTLCache",
     "Shrinker",
     "ShrinkerInfo",
     "ShrinkerStats",

@@ -60,6 +60,7 @@ static PyObject *kwd_mark;        /* separates positional and keyword arguments 
 static PyObject *str_missing;     /* "__missing__" */
 static PyObject *str_sync;        /* "_sync" */
 static PyObject *str_evicted;     /* "_evicted" */
+static PyObject *str_getsizeof;   /* "getsizeof" */
 
 /* ---------------------------------------------------------------------- pending exceptions */
 
@@ -104,13 +105,22 @@ restore_error(SavedError *saved)
 
 /* ------------------------------------------------------------------------------------ nodes */
 
+/* How an entry's size (what maxsize caps) is found: 1 for each entry, as cachetools' default;
+   getsizeof(value), a callable given to the constructor; self.getsizeof(value), a subclass's
+   override. */
+enum { SIZE_ONE, SIZE_CALL, SIZE_METHOD };
+/* How an entry's bytes (what the controller is told) are found: sys.getsizeof(value), with a
+   fast path for exact bytes; memsize(value); or the size itself (memsize is getsizeof). */
+enum { MEM_ESTIMATE, MEM_CALL, MEM_SIZE };
+
 typedef struct Node {
     struct Node *prev; /* NULL once taken out of the list */
     struct Node *next; /* once taken out: the next node of the Taken chain */
     PyObject *key;
     PyObject *value;
     Py_hash_t hash;
-    Py_ssize_t size;
+    Py_ssize_t size;  /* getsizeof(value): what maxsize caps (1 by default) */
+    Py_ssize_t bytes; /* the memory the entry is reckoned to take: what is reported */
     size_t slot; /* where the index holds it */
 } Node;
 
@@ -142,12 +152,16 @@ typedef struct {
     size_t mask;
     Py_ssize_t filled;       /* slots holding a node or a tombstone */
     size_t version;          /* changes whenever the index does */
-    Py_ssize_t total;        /* sum of the sizes of the nodes */
+    Py_ssize_t total;        /* sum of the sizes of the nodes (currsize) */
+    Py_ssize_t mem_total;    /* sum of the bytes of the nodes (what the chunks count) */
     Py_ssize_t linked;       /* nodes */
     Py_ssize_t max_total;    /* cap on total, -1 for none */
     Py_ssize_t max_entries;  /* cap on nodes, -1 for none */
-    PyObject *getsizeof;     /* NULL: sys.getsizeof (with a fast path for exact bytes) */
-    Py_ssize_t sync_lo;      /* call self._sync() when total < sync_lo or total > sync_hi */
+    PyObject *getsizeof;     /* SIZE_CALL: called with the value */
+    PyObject *memsize;       /* MEM_CALL: called with the value */
+    int size_mode;           /* SIZE_ONE, SIZE_CALL or SIZE_METHOD */
+    int mem_mode;            /* MEM_ESTIMATE, MEM_CALL or MEM_SIZE */
+    Py_ssize_t sync_lo;      /* call self._sync() when mem_total < sync_lo or > sync_hi */
     Py_ssize_t sync_hi;
     Py_ssize_t hits;
     Py_ssize_t misses;
@@ -340,6 +354,7 @@ take_out(Core *c, Node *n, Taken *taken)
     index_remove(c, n);
     unlink_node(n);
     c->total -= n->size;
+    c->mem_total -= n->bytes;
     c->linked--;
     n->next = taken->head;
     taken->head = n;
@@ -407,6 +422,7 @@ take_all(Core *c, Taken *taken)
     c->root.next = &c->root;
     c->root.prev = &c->root;
     c->total = 0;
+    c->mem_total = 0;
     c->linked = 0;
     if (c->slots != NULL) {
         memset(c->slots, 0, (c->mask + 1) * sizeof(Slot));
@@ -433,7 +449,7 @@ finish(Core *c, PyObject *old, Taken *taken, int tell_evicted)
             rc = -1;
         }
     }
-    if (rc == 0 && (c->total < c->sync_lo || c->total > c->sync_hi)) {
+    if (rc == 0 && (c->mem_total < c->sync_lo || c->mem_total > c->sync_hi)) {
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)c, str_sync);
         if (r == NULL) {
             rc = -1;
@@ -463,23 +479,10 @@ short_name(PyObject *self)
     return dot != NULL ? dot + 1 : name;
 }
 
-/*
- * The size of value: getsizeof(value) as a non-negative Py_ssize_t, or -1 with an error set.
- */
+/* A size a sizer returned, as a non-negative Py_ssize_t; -1 with an error set. Steals result. */
 static Py_ssize_t
-value_size(Core *c, PyObject *value)
+checked_size(PyObject *result, const char *what)
 {
-    PyObject *result;
-    if (c->getsizeof == NULL) {
-        if (PyBytes_CheckExact(value)) {
-            /* What bytes.__sizeof__ (and so sys.getsizeof) returns: bytes are not GC-tracked. */
-            return Py_TYPE(value)->tp_basicsize + Py_SIZE(value);
-        }
-        result = PyObject_CallOneArg(sys_getsizeof, value);
-    }
-    else {
-        result = PyObject_CallOneArg(c->getsizeof, value);
-    }
     if (result == NULL) {
         return -1;
     }
@@ -488,7 +491,7 @@ value_size(Core *c, PyObject *value)
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
             PyErr_Format(PyExc_OverflowError,
-                         "getsizeof returned %R: a size must be an int from 0 to sys.maxsize",
+                         "%s returned %R: a size must be an int from 0 to sys.maxsize", what,
                          result);
         }
         Py_DECREF(result);
@@ -502,10 +505,50 @@ value_size(Core *c, PyObject *value)
     return size;
 }
 
+/*
+ * The size of value (what maxsize caps) in *size and its bytes (what is reported) in *bytes.
+ * Returns 0, or -1 with an error set. May run Python code (the sizers): call it before any change.
+ */
+static int
+entry_sizes(Core *c, PyObject *value, Py_ssize_t *size, Py_ssize_t *bytes)
+{
+    switch (c->size_mode) {
+    case SIZE_CALL:
+        *size = checked_size(PyObject_CallOneArg(c->getsizeof, value), "getsizeof");
+        break;
+    case SIZE_METHOD:
+        *size = checked_size(PyObject_CallMethodOneArg((PyObject *)c, str_getsizeof, value),
+                             "getsizeof");
+        break;
+    default:
+        *size = 1;
+    }
+    if (*size < 0) {
+        return -1;
+    }
+    switch (c->mem_mode) {
+    case MEM_CALL:
+        *bytes = checked_size(PyObject_CallOneArg(c->memsize, value), "memsize");
+        break;
+    case MEM_SIZE:
+        *bytes = *size;
+        break;
+    default:
+        if (PyBytes_CheckExact(value)) {
+            /* What bytes.__sizeof__ (and so sys.getsizeof) returns: bytes are not GC-tracked. */
+            *bytes = Py_TYPE(value)->tp_basicsize + Py_SIZE(value);
+        }
+        else {
+            *bytes = checked_size(PyObject_CallOneArg(sys_getsizeof, value), "sys.getsizeof");
+        }
+    }
+    return *bytes < 0 ? -1 : 0;
+}
+
 enum { STORE_REPLACE, STORE_KEEP };
 
 /*
- * Store value (of size bytes) under key (hashed to hash) as the most recently used entry,
+ * Store value (of the size and bytes given) under key (hashed to hash) as the most recently used entry,
  * evicting least recently used entries first as the caps require. With STORE_KEEP, an entry
  * already under key stays as it is, and *kept receives its value (a new reference).
  *
@@ -515,8 +558,9 @@ enum { STORE_REPLACE, STORE_KEEP };
  * release), the nodes evicted are in taken, and the caller must call finish().
  */
 static int
-store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, int mode,
-      int refuse_closed, PyObject **kept, PyObject **old, Taken *taken)
+store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size,
+      Py_ssize_t bytes, int mode, int refuse_closed, PyObject **kept, PyObject **old,
+      Taken *taken)
 {
     Node *n;
     if (index_find(c, key, hash, &n) < 0) {
@@ -536,6 +580,7 @@ store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, 
     }
     /* What the cache would hold besides the new entry. */
     Py_ssize_t others = c->total - (n != NULL ? n->size : 0);
+    Py_ssize_t mem_others = c->mem_total - (n != NULL ? n->bytes : 0);
     Py_ssize_t entries = c->linked + (n == NULL);
     if (c->max_total < 0 && size > PY_SSIZE_T_MAX - others) {
         PyErr_Format(PyExc_OverflowError,
@@ -543,6 +588,31 @@ store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, 
                      "sys.maxsize",
                      size, c->total);
         return -1;
+    }
+    if (bytes > PY_SSIZE_T_MAX - mem_others) {
+        /* Only the evictions for the caps below could make room: count the bytes they would
+           free, changing nothing (a store refused must evict nothing). They take the nodes
+           least recently used first, skipping n, while the new entry is over a cap. */
+        Py_ssize_t o = others, e = entries, m = mem_others;
+        for (Node *v = c->root.next; v != &c->root; v = v->next) {
+            int over = (c->max_total >= 0 && size > c->max_total - o) ||
+                       (c->max_entries >= 0 && e > c->max_entries);
+            if (!over) {
+                break;
+            }
+            if (v != n) {
+                o -= v->size;
+                e--;
+                m -= v->bytes;
+            }
+        }
+        if (bytes > PY_SSIZE_T_MAX - m) {
+            PyErr_Format(PyExc_OverflowError,
+                         "cannot store a value of %zd bytes: the cache's bytes (%zd) would pass "
+                         "sys.maxsize",
+                         bytes, c->mem_total);
+            return -1;
+        }
     }
     Node *fresh = NULL;
     if (n == NULL) {
@@ -579,6 +649,8 @@ store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, 
         n->value = Py_NewRef(value);
         c->total += size - n->size;
         n->size = size;
+        c->mem_total += bytes - n->bytes;
+        n->bytes = bytes;
         move_mru(c, n);
         return 0;
     }
@@ -586,9 +658,11 @@ store(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, Py_ssize_t size, 
     fresh->value = Py_NewRef(value);
     fresh->hash = hash;
     fresh->size = size;
+    fresh->bytes = bytes;
     index_put(c, fresh);
     link_mru(c, fresh);
     c->total += size;
+    c->mem_total += bytes;
     c->linked++;
     return 0;
 }
@@ -675,6 +749,7 @@ base_traverse(Core *c, visitproc visit, void *arg)
         Py_VISIT(n->value);
     }
     Py_VISIT(c->getsizeof);
+    Py_VISIT(c->memsize);
     return 0;
 }
 
@@ -684,6 +759,9 @@ base_clear(Core *c)
     Taken taken = TAKEN_INIT;
     take_all(c, &taken);
     Py_CLEAR(c->getsizeof);
+    Py_CLEAR(c->memsize);
+    c->size_mode = SIZE_ONE;
+    c->mem_mode = MEM_ESTIMATE;
     release(&taken, NULL);
     return 0;
 }
@@ -707,14 +785,15 @@ static PyObject *
 base_configure(Core *c, PyObject *args)
 {
     Py_ssize_t max_total, max_entries;
-    PyObject *getsizeof;
-    int notify;
-    if (!PyArg_ParseTuple(args, "nnOp:_configure", &max_total, &max_entries, &getsizeof,
-                          &notify)) {
+    PyObject *getsizeof, *memsize;
+    int size_method, notify;
+    if (!PyArg_ParseTuple(args, "nnOpOp:_configure", &max_total, &max_entries, &getsizeof,
+                          &size_method, &memsize, &notify)) {
         return NULL;
     }
-    if (getsizeof != Py_None && !PyCallable_Check(getsizeof)) {
-        PyErr_SetString(PyExc_TypeError, "getsizeof must be callable or None");
+    if ((getsizeof != Py_None && !PyCallable_Check(getsizeof)) ||
+        (memsize != Py_None && !PyCallable_Check(memsize))) {
+        PyErr_SetString(PyExc_TypeError, "getsizeof and memsize must be callable or None");
         return NULL;
     }
     if (c->linked > 0) {
@@ -723,7 +802,12 @@ base_configure(Core *c, PyObject *args)
     }
     c->max_total = max_total < 0 ? -1 : max_total;
     c->max_entries = max_entries < 0 ? -1 : max_entries;
-    Py_XSETREF(c->getsizeof, getsizeof == Py_None ? NULL : Py_NewRef(getsizeof));
+    c->size_mode = size_method ? SIZE_METHOD : getsizeof != Py_None ? SIZE_CALL : SIZE_ONE;
+    c->mem_mode = memsize == Py_None                            ? MEM_ESTIMATE
+                  : (memsize == getsizeof && !size_method)      ? MEM_SIZE
+                                                                : MEM_CALL;
+    Py_XSETREF(c->getsizeof, c->size_mode == SIZE_CALL ? Py_NewRef(getsizeof) : NULL);
+    Py_XSETREF(c->memsize, c->mem_mode == MEM_CALL ? Py_NewRef(memsize) : NULL);
     c->notify = notify;
     Py_RETURN_NONE;
 }
@@ -740,18 +824,18 @@ base_evict_chunks(Core *c, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "chunks must be >= 0 and chunk_size > 0");
         return NULL;
     }
-    /* Down to (held - chunks) whole chunks, held = ceil(total / chunk_size). */
-    Py_ssize_t held = c->total / chunk_size + (c->total % chunk_size != 0);
+    /* Down to (held - chunks) whole chunks, held = ceil(mem_total / chunk_size). */
+    Py_ssize_t held = c->mem_total / chunk_size + (c->mem_total % chunk_size != 0);
     Py_ssize_t keep = held > chunks ? held - chunks : 0;
     Py_ssize_t target = keep > PY_SSIZE_T_MAX / chunk_size ? PY_SSIZE_T_MAX : keep * chunk_size;
-    Py_ssize_t before = c->total;
+    Py_ssize_t before = c->mem_total;
     Taken taken = TAKEN_INIT;
-    while (c->total > target && c->root.next != &c->root) {
+    while (c->mem_total > target && c->root.next != &c->root) {
         take_out(c, c->root.next, &taken);
     }
     index_maybe_shrink(c);
     Py_ssize_t count = taken.count;
-    Py_ssize_t freed = before - c->total;
+    Py_ssize_t freed = before - c->mem_total;
     /* The entries are gone whatever happens now: a failure to list them loses the on_evict
        calls, and is raised after the release. */
     PyObject *pairs = NULL;
@@ -820,7 +904,7 @@ static PyObject *
 base_check(Core *c, PyObject *Py_UNUSED(ignored))
 {
     /* For the tests: the invariants, checked from the C side. */
-    Py_ssize_t count = 0, total = 0, used = 0, filled = 0;
+    Py_ssize_t count = 0, total = 0, mem_total = 0, used = 0, filled = 0;
     for (Node *n = c->root.next; n != &c->root; n = n->next) {
         if (n->next->prev != n || n->prev->next != n) {
             PyErr_SetString(PyExc_AssertionError, "order list broken");
@@ -830,11 +914,13 @@ base_check(Core *c, PyObject *Py_UNUSED(ignored))
             PyErr_SetString(PyExc_AssertionError, "a node is not where the index says");
             return NULL;
         }
-        if (n->size < 0 || total > PY_SSIZE_T_MAX - n->size) {
+        if (n->size < 0 || total > PY_SSIZE_T_MAX - n->size || n->bytes < 0 ||
+            mem_total > PY_SSIZE_T_MAX - n->bytes) {
             PyErr_SetString(PyExc_AssertionError, "sizes do not sum");
             return NULL;
         }
         total += n->size;
+        mem_total += n->bytes;
         count++;
     }
     for (size_t i = 0; i <= c->mask; i++) {
@@ -845,11 +931,13 @@ base_check(Core *c, PyObject *Py_UNUSED(ignored))
             }
         }
     }
-    if (count != c->linked || used != c->linked || filled != c->filled || total != c->total) {
+    if (count != c->linked || used != c->linked || filled != c->filled || total != c->total ||
+        mem_total != c->mem_total) {
         PyErr_Format(PyExc_AssertionError,
                      "counts disagree: %zd listed, %zd indexed, %zd linked; %zd filled of %zd "
-                     "counted; total %zd summed, %zd kept",
-                     count, used, c->linked, filled, c->filled, total, c->total);
+                     "counted; total %zd summed, %zd kept; bytes %zd summed, %zd kept",
+                     count, used, c->linked, filled, c->filled, total, c->total, mem_total,
+                     c->mem_total);
         return NULL;
     }
     if ((size_t)c->filled * 3 > (c->mask + 1) * 2) {
@@ -884,6 +972,8 @@ static PyMethodDef base_methods[] = {
 
 static PyMemberDef base_members[] = {
     {"_total", T_PYSSIZET, offsetof(Core, total), READONLY, "Sum of the entries' sizes."},
+    {"_mem_total", T_PYSSIZET, offsetof(Core, mem_total), READONLY,
+     "Sum of the entries' bytes (what the chunks count)."},
     {"_max_total", T_PYSSIZET, offsetof(Core, max_total), READONLY, "Cap on the total, or -1."},
     {"_max_entries", T_PYSSIZET, offsetof(Core, max_entries), READONLY,
      "Cap on the entries, or -1."},
@@ -963,8 +1053,8 @@ core_set(Core *c, PyObject *key, PyObject *value)
         PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
         return -1;
     }
-    Py_ssize_t size = value_size(c, value);
-    if (size < 0) {
+    Py_ssize_t size, bytes;
+    if (entry_sizes(c, value, &size, &bytes) < 0) {
         return -1;
     }
     if (c->max_total >= 0 && size > c->max_total) {
@@ -977,7 +1067,7 @@ core_set(Core *c, PyObject *key, PyObject *value)
     }
     Taken taken = TAKEN_INIT;
     PyObject *old = NULL;
-    if (store(c, key, hash, value, size, STORE_REPLACE, 1, NULL, &old, &taken) < 0) {
+    if (store(c, key, hash, value, size, bytes, STORE_REPLACE, 1, NULL, &old, &taken) < 0) {
         return -1;
     }
     return finish(c, old, &taken, 1);
@@ -1186,8 +1276,8 @@ core_setdefault(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
         return NULL;
     }
-    Py_ssize_t size = value_size(c, dflt);
-    if (size < 0) {
+    Py_ssize_t size, bytes;
+    if (entry_sizes(c, dflt, &size, &bytes) < 0) {
         return NULL;
     }
     if (c->max_total >= 0 && size > c->max_total) {
@@ -1197,7 +1287,7 @@ core_setdefault(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     /* getsizeof may have stored the key meanwhile: then that entry stays, as in a dict. */
     Taken taken = TAKEN_INIT;
     PyObject *old = NULL, *kept = NULL;
-    if (store(c, key, hash, dflt, size, STORE_KEEP, 1, &kept, &old, &taken) < 0) {
+    if (store(c, key, hash, dflt, size, bytes, STORE_KEEP, 1, &kept, &old, &taken) < 0) {
         return NULL;
     }
     if (finish(c, old, &taken, 1) < 0) {
@@ -1205,6 +1295,81 @@ core_setdefault(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         return NULL;
     }
     return kept != NULL ? kept : Py_NewRef(dflt);
+}
+
+/* (key, value, size, bytes) of every entry, least recently used first; recency unchanged. */
+static PyObject *
+core_entries(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    /* The snapshot and the sizes are read together while no Python code can run; the tuples
+       are made afterwards (an allocation may run a collection, and finalizers that change the
+       cache: the result is the cache as it was when read). */
+    Py_ssize_t count = c->linked;
+    Py_ssize_t *raw = PyMem_New(Py_ssize_t, 2 * (size_t)(count > 0 ? count : 1));
+    if (raw == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t i = 0;
+    for (Node *n = c->root.next; n != &c->root; n = n->next, i++) {
+        raw[2 * i] = n->size;
+        raw[2 * i + 1] = n->bytes;
+    }
+    PyObject **items = snapshot(c, &count);
+    if (items == NULL && count > 0) {
+        PyMem_Free(raw);
+        return NULL;
+    }
+    PyObject *list = PyList_New(count);
+    for (i = 0; list != NULL && i < count; i++) {
+        PyObject *entry = Py_BuildValue("OOnn", items[2 * i], items[2 * i + 1], raw[2 * i],
+                                        raw[2 * i + 1]);
+        if (entry == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, entry);
+    }
+    PyMem_Free(raw);
+    if (items != NULL) {
+        snapshot_free(items, count);
+    }
+    return list;
+}
+
+/* _put(key, value, size, bytes): store as self[key] = value does, with the sizes given. */
+static PyObject *
+core_put(Core *c, PyObject *args)
+{
+    PyObject *key, *value;
+    Py_ssize_t size, bytes;
+    if (!PyArg_ParseTuple(args, "OOnn:_put", &key, &value, &size, &bytes)) {
+        return NULL;
+    }
+    if (size < 0 || bytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "value size must be non-negative");
+        return NULL;
+    }
+    if (c->closed) {
+        PyErr_Format(closed_error, "%s is closed", short_name((PyObject *)c));
+        return NULL;
+    }
+    if (c->max_total >= 0 && size > c->max_total) {
+        PyErr_SetString(PyExc_ValueError, "value too large");
+        return NULL;
+    }
+    Py_hash_t hash = PyObject_Hash(key);
+    if (hash == -1) {
+        return NULL;
+    }
+    Taken taken = TAKEN_INIT;
+    PyObject *old = NULL;
+    if (store(c, key, hash, value, size, bytes, STORE_REPLACE, 1, NULL, &old, &taken) < 0) {
+        return NULL;
+    }
+    if (finish(c, old, &taken, 1) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1226,6 +1391,10 @@ static PyMethodDef core_methods[] = {
     {"setdefault", (PyCFunction)(void (*)(void))core_setdefault, METH_FASTCALL | METH_KEYWORDS,
      "setdefault(key, default=None): the value under key, storing default first if absent."},
     {"clear", (PyCFunction)base_clear_method, METH_NOARGS, "clear(): remove every entry."},
+    {"_entries", (PyCFunction)core_entries, METH_NOARGS,
+     "_entries(): (key, value, size, bytes) of every entry, least recently used first."},
+    {"_put", (PyCFunction)core_put, METH_VARARGS,
+     "_put(key, value, size, bytes): store as self[key] = value does, with these sizes."},
     {"__missing__", (PyCFunction)core_missing, METH_O,
      "Called by self[key] for a missing key; raises KeyError(key). Override to compute."},
     {NULL, NULL, 0, NULL},
@@ -1356,8 +1525,8 @@ func_call(CachedFunc *self, PyObject *args, PyObject *kwds)
         Py_DECREF(key);
         return NULL;
     }
-    Py_ssize_t size = value_size(c, result);
-    if (size < 0) {
+    Py_ssize_t size, bytes;
+    if (entry_sizes(c, result, &size, &bytes) < 0) {
         Py_DECREF(key);
         Py_DECREF(result);
         return NULL;
@@ -1366,7 +1535,7 @@ func_call(CachedFunc *self, PyObject *args, PyObject *kwds)
        keep that entry and return this result. A closed cache stores nothing. */
     Taken taken = TAKEN_INIT;
     PyObject *old = NULL, *kept = NULL;
-    int rc = store(c, key, hash, result, size, STORE_KEEP, 0, &kept, &old, &taken);
+    int rc = store(c, key, hash, result, size, bytes, STORE_KEEP, 0, &kept, &old, &taken);
     Py_DECREF(key);
     Py_XDECREF(kept);
     if (rc == 0) {
@@ -1494,7 +1663,9 @@ PyInit__lru(void)
     str_missing = PyUnicode_InternFromString("__missing__");
     str_sync = PyUnicode_InternFromString("_sync");
     str_evicted = PyUnicode_InternFromString("_evicted");
-    if (kwd_mark == NULL || str_missing == NULL || str_sync == NULL || str_evicted == NULL) {
+    str_getsizeof = PyUnicode_InternFromString("getsizeof");
+    if (kwd_mark == NULL || str_missing == NULL || str_sync == NULL || str_evicted == NULL ||
+        str_getsizeof == NULL) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&lru_module);

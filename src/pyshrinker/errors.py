@@ -41,6 +41,10 @@ class ClosedError(PyshrinkerError, RuntimeError):
     """The object was used after ``close()``."""
 
 
+class DependencyVersionError(PyshrinkerError, ImportError):
+    """An optional dependency is installed in a version older than pyshrinker supports."""
+
+
 class TransportError(PyshrinkerError, OSError):
     """A controller directory refused a line or could not be used; ``errno`` says why.
 

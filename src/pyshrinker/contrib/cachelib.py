@@ -76,7 +76,7 @@ class ShrinkableSimpleCache(BaseCache):
             self, default_timeout, ignore_delete_many_errors=ignore_delete_many_errors
         )
         self._cache: ShrinkableLRU[str, _Entry] = ShrinkableLRU(
-            getsizeof=_entry_size, name=name or f"cachelib-{id(self):x}"
+            memsize=_entry_size, name=name or f"cachelib-{id(self):x}"
         )
         self._threshold: int | None = None if threshold is None else threshold or ZERO_THRESHOLD
         self._lock = threading.RLock()

@@ -79,7 +79,7 @@ def _store(name: str) -> _Store:
                 expire_info.pop(key, None)
 
             entries: ShrinkableLRU[str, bytes] = ShrinkableLRU(
-                getsizeof=_entry_size,
+                memsize=_entry_size,
                 on_evict=forget_expiry,
                 name=f"django-cache:{name or 'default'}",
             )

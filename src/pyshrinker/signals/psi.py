@@ -169,6 +169,10 @@ class PsiTrigger:
                     raise UnsupportedError(err.errno, f"PSI triggers unsupported: {path}") from err
                 with translated_errors(path):
                     raise
+            # A refusal kept from the first window is a cycle (its traceback holds this frame,
+            # and so every caller's): without it, objects being constructed up the stack (a
+            # cache making the default controller) would wait for the collector.
+            last_error = None
             return cls(
                 path,
                 kind,
