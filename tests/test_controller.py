@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyshrinker import AbiError, ClosedError, Level
+from pyshrinker import AbiError, ClosedError, Level, policy
 from pyshrinker._syscalls import EventfdFlag, eventfd, eventfd_read
 from pyshrinker.cgroup import CgroupV1
 from pyshrinker.controller import Controller, ControllerConfig, parse_size
@@ -238,6 +238,9 @@ class TestEvaluate:
     """Watermarks, in-flight requests and escalation, on scripted readings."""
 
     def make(self, efds, *, limit=256 * MiB, **config):
+        # The fixed rule's watermarks (Watermarks.for_limit): these tests are about requests in
+        # flight and escalation; TestAdaptiveWatermarks is about where the watermarks go.
+        config.setdefault("headroom", 32 * MiB)
         memory = ScriptedMemory.with_limit(limit)
         c = Controller.create(memory, config=ControllerConfig(**config))
         c._rewatermark()
@@ -360,6 +363,7 @@ class TestHostileClaims:
 
     def make(self, efds, **config):
         memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)  # high 224, low 192 MiB
+        config.setdefault("headroom", 32 * MiB)  # the fixed rule's watermarks
         c = Controller.create(memory, config=ControllerConfig(**config))
         liar, honest = efds(), efds()
         c.register(liar, liar, 4096)
@@ -448,13 +452,99 @@ class TestThread:
         assert thread is not None and not thread.is_alive()
 
 
+class TestAdaptiveWatermarks:
+    """The default watermarks follow the growth measured (issue 13): close to the limit while
+    memory grows slowly, the fixed rule's margin at once when it races."""
+
+    def make(self, efds, working_set=10 * MiB, held=0, **config):
+        memory = ScriptedMemory.with_limit(256 * MiB, working_set)
+        c = Controller.create(memory, config=ControllerConfig(**config))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, held)  # before the first reading: not counted as growth
+        c.evaluate()
+        return c, memory, fd
+
+    def test_slow_growth_runs_close_to_the_limit(self, efds):
+        """Nothing measured yet, or slow growth: 4 MiB under 256 MiB (fixed rule: 32 MiB)."""
+        c, memory, fd = self.make(efds)
+        assert c.watermarks == Watermarks(256 * MiB, 252 * MiB, 251 * MiB)
+        for ws in range(11, 51):  # 1 MiB every 10 ms: 100 MiB/s
+            time.sleep(0.01)
+            memory.set(ws * MiB)
+            c.report(fd, 1)
+            c.evaluate()
+        marks = c.watermarks
+        assert marks is not None
+        assert marks.high == 252 * MiB  # 100 MB/s x the 10 ms grace: 1 MiB, under the least
+        assert 8 * MiB <= marks.high - marks.low <= 16 * MiB  # about 0.1 s of growth
+
+    def test_a_burst_widens_the_margin_at_once(self, efds):
+        """240 MiB asks nothing while growth is slow; 100 MiB reported in 10 ms makes the
+        headroom the fixed rule's, and the same reading asks down to the new low watermark.
+        (A grace of 50 ms at least: 1 GB/s fills the most headroom even if sleeps run late.)"""
+        c, _, fd = self.make(efds, working_set=240 * MiB, grace=0.05)
+        time.sleep(0.01)
+        c.evaluate()
+        assert read_counter(fd) == 0
+        c.report(fd, 1000)
+        time.sleep(0.01)
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        assert read_counter(fd) * MiB >= 240 * MiB - Watermarks.for_limit(256 * MiB).low
+
+    def test_re_adds_are_not_growth(self, efds):
+        """Chunks given back after a request (it could not free them) are no growth."""
+        c, _, fd = self.make(efds, working_set=255 * MiB, held=10, grace=60.0)
+        time.sleep(0.01)
+        c.evaluate()  # asks down to the low watermark
+        asked = read_counter(fd)
+        assert asked > 0
+        c.report(fd, asked)  # none of it could be freed
+        time.sleep(0.01)
+        c.evaluate()
+        rate, _ = c.growth()
+        assert rate == 0.0
+
+    def test_the_margin_narrows_again(self, efds, monkeypatch):
+        """The measured peak halves every half-life: after a burst, back near the limit."""
+        monkeypatch.setattr(policy, "GROWTH_HALF_LIFE", 0.02)
+        c, _, fd = self.make(efds, grace=0.05)
+        c.report(fd, 1000)
+        time.sleep(0.01)
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        time.sleep(0.5)  # 25 half-lives
+        c.evaluate()
+        assert c.watermarks == Watermarks(256 * MiB, 252 * MiB, 251 * MiB)
+
+    def test_oom_level_pressure_boosts_the_headroom(self, efds):
+        """After an OOM-level event the headroom is the most, whatever the growth."""
+        c, _, _ = self.make(efds)
+        c._boost_headroom()
+        c.evaluate()
+        marks = c.watermarks
+        assert marks is not None and marks.high == Watermarks.for_limit(256 * MiB).high
+
+    def test_bounds_and_fixed_headroom(self, efds):
+        """min_headroom raises the least; an explicit headroom is the fixed rule."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
+        c = Controller.create(memory, config=ControllerConfig(min_headroom=16 * MiB))
+        c.evaluate()
+        assert c.watermarks is not None and c.watermarks.high == 240 * MiB
+        c = Controller.create(memory, config=ControllerConfig(headroom=0.125))
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+
+
 class TestDirectEvaluation:
     """A report of new chunks near the watermark is decided on the reporting thread."""
 
     def test_report_asks_synchronously(self, efds):
         """Crossing the high watermark, report() itself signals: no wait for the thread."""
         memory = ScriptedMemory.with_limit(256 * MiB, working_set=10 * MiB)
-        config = {"shortest_poll": 60.0, "longest_poll": 60.0}  # the thread stays asleep
+        # The thread stays asleep; the fixed rule's watermarks (high at 224 MiB).
+        config = {"shortest_poll": 60.0, "longest_poll": 60.0, "headroom": 32 * MiB}
         with private_controller(memory, **config) as (c, _):
             fd = efds()
             c.register(fd, fd, MiB)

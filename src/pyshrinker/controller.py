@@ -81,8 +81,14 @@ class ControllerConfig:
     .. versionadded:: 0.1.0
     """
 
-    #: Bytes (int) or fraction of the limit (float) kept free above the high watermark.
+    #: Bytes (int) or fraction of the limit (float) kept free above the high watermark, fixed
+    #: (``policy.Watermarks.for_limit``). None (the default): the headroom and the hysteresis
+    #: band follow the growth and reaction measured (``policy.adaptive_watermarks``).
     headroom: int | float | None = None
+    #: Bounds of the adaptive headroom, bytes (int) or fractions of the limit (float); None:
+    #: ``policy.headroom_bounds``' defaults (4 MiB or 1/128 of the limit; the fixed rule's).
+    min_headroom: int | float | None = None
+    max_headroom: int | float | None = None
     #: Shortest time (seconds) a request counts as in flight (not asked again) unless its
     #: effect shows sooner. The grace in force is twice the median time recent requests took
     #: to show in the working set, within [grace, escalate_after] (policy.grace).
@@ -222,6 +228,16 @@ class Controller:
     # replaced whole, so a reader never sees it half-changed.
     _threshold_fds: tuple[int, ...] = attrs.field(default=(), alias="threshold_fds")
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
+    # What the adaptive watermarks follow (policy.adaptive_watermarks): the peak growth rate
+    # (bytes/s) and boost (bytes), each decaying from the time it was last raised; the window
+    # a growth rate is measured over (start, working set then, bytes reported since: new
+    # chunks, not the re-adds of what a request could not free).
+    _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
+    _growth_at: float = attrs.field(default=0.0, alias="growth_at")
+    _boost: float = attrs.field(default=0.0, alias="boost")
+    _boost_at: float = attrs.field(default=0.0, alias="boost_at")
+    _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
+    _window_reported: int = attrs.field(default=0, alias="window_reported")
     _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
     #: The process's cgroup membership, when the controller watches the process's own cgroup.
     _membership: Membership | None = attrs.field(default=None, alias="membership")
@@ -491,8 +507,8 @@ class Controller:
                 paid = min(reg.deficit, chunks)
                 reg.deficit -= paid
                 reg.count += chunks - paid
-                if self._in_flight:
-                    self._given_back(key, chunks * reg.chunk_size)
+                back = self._given_back(key, chunks * reg.chunk_size) if self._in_flight else 0
+                self._window_reported += chunks * reg.chunk_size - back
             else:
                 taken = min(reg.count, -chunks)
                 reg.count -= taken
@@ -674,9 +690,10 @@ class Controller:
         wait = policy.grace(self._reclaim_times, self.config.grace, self.config.escalate_after)
         return _Round(now, now + wait, self._last_working_set())
 
-    def _given_back(self, key: Hashable, nbytes: int) -> None:
+    def _given_back(self, key: Hashable, nbytes: int) -> int:
         # Called with the lock held: a shrinker asked in a round re-added chunks it could not
-        # free; that much of the round will not show.
+        # free; that much of the round will not show. Returns the bytes counted as given back.
+        total = 0
         for round_ in self._in_flight:
             asked = round_.by_key.get(key, 0)
             if asked <= 0 or nbytes <= 0:
@@ -685,6 +702,8 @@ class Controller:
             round_.by_key[key] = asked - back
             round_.readded += back
             nbytes -= back
+            total += back
+        return total
 
     def current_grace(self) -> float:
         """Seconds a request counts as in flight now (from the reclaim times measured)."""
@@ -770,7 +789,7 @@ class Controller:
         if state.limit is None:
             self._marks = None
             return
-        marks = policy.watermarks(state.limit, state.machine, self.config.headroom)
+        marks = self._marks_for(state)
         if marks == self._marks:
             return
         self._marks = marks
@@ -800,6 +819,63 @@ class Controller:
                 if self._epoll is not None:
                     self._epoll.unregister(threshold.fileno())
                 threshold.close()
+
+    def _marks_for(self, state: MemoryState) -> policy.Watermarks:
+        assert state.limit is not None
+        config = self.config
+        if config.headroom is not None or state.machine:
+            # A headroom the user chose; a machine's MemAvailable, which other processes move
+            # without telling us: fixed.
+            return policy.watermarks(state.limit, state.machine, config.headroom)
+        rate, boost = self.growth()
+        return policy.adaptive_watermarks(
+            state.limit,
+            rate,
+            self.current_grace(),
+            boost,
+            min_headroom=config.min_headroom,
+            max_headroom=config.max_headroom,
+        )
+
+    def growth(self) -> tuple[float, float]:
+        """The growth rate (bytes/s) and boost (bytes) the adaptive watermarks follow now."""
+        now = time.monotonic()
+        half_life = policy.GROWTH_HALF_LIFE
+        rate = policy.decayed_peak(self._growth_rate, 0.0, now - self._growth_at, half_life)
+        boost = policy.decayed_peak(self._boost, 0.0, now - self._boost_at, half_life)
+        return rate, boost
+
+    def _measure_growth(self, read_at: float, working_set: int) -> None:
+        """Raise the growth rate's peak by a reading (called with the evaluation lock).
+
+        Growth is the larger of the bytes reported as new chunks and the working set's own
+        rise, over a window of at least ``policy.RATE_WINDOW``: reports tell of a cache's
+        growth even while it is being shrunk, the working set of memory nobody reports.
+        """
+        with self._lock:
+            reported = self._window_reported
+            window = self._window
+            if window is not None and read_at - window[0] < policy.RATE_WINDOW:
+                return
+            self._window_reported = 0
+        self._window = (read_at, working_set)
+        if window is None:
+            return
+        started, working_set_then = window
+        sample = max(reported, working_set - working_set_then, 0) / (read_at - started)
+        self._growth_rate = policy.decayed_peak(
+            self._growth_rate, sample, read_at - self._growth_at, policy.GROWTH_HALF_LIFE
+        )
+        self._growth_at = read_at
+
+    def _boost_headroom(self) -> None:
+        # OOM-level pressure: the margin was too narrow, whatever was measured. Like the
+        # kernel's watermark boost: at its most now, decaying as memory grows slowly again.
+        if self._last_state is None or self._last_state.limit is None:
+            return
+        now = time.monotonic()
+        self._boost = float(self._last_state.limit)
+        self._boost_at = now
 
     def _last_working_set(self) -> int:
         # The reading a request is decided on (evaluate reads first); 0 before any reading.
@@ -851,6 +927,7 @@ class Controller:
         state = self.memory.read()
         self._grown_since_read = 0
         self._last_state = state
+        self._measure_growth(read_at, state.working_set)
         self._rewatermark(state)
         marks = self._marks
         if marks is None:
@@ -969,6 +1046,8 @@ class Controller:
                 level = max(level or Level.LOW, _level_of(notifier))
         if level is not None:
             self.notify_level(level)
+            if level >= Level.OOM:
+                self._boost_headroom()
         try:
             self._evaluate(reason)
         except CgroupNotFound as err:
