@@ -115,8 +115,9 @@ def run_server(args: argparse.Namespace) -> int:
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # the OOM killer takes the server, whose fate is the measurement
     sys.path.insert(0, EXAMPLES)
-    import lru_service
     from http.server import ThreadingHTTPServer
+
+    import lru_service
 
     service = BenchService(
         lru_service.SlowBackend(args.backend_latency, args.value_size), args.cache, args.entries
