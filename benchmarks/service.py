@@ -110,6 +110,28 @@ class BenchService:
         return {"entries": entries, "evicting": entries >= self.entries}
 
 
+def trace(controller: Any, cache: Any) -> None:
+    """Every 10 ms, to stderr: the watermarks, the growth measured, the last reading (probes)."""
+    while True:
+        time.sleep(0.01)
+        marks = controller.watermarks
+        state = controller._last_state
+        rate, rise, _ = controller.growth()
+        print(
+            f"{time.monotonic():.3f} high {marks.high / MiB if marks else -1:.0f} "
+            f"low {marks.low / MiB if marks else -1:.0f} ws "
+            f"{state.working_set / MiB if state else -1:.1f} usage "
+            f"{state.usage / MiB if state else -1:.1f} rate {rate / 1e6:.0f} MB/s rise "
+            f"{rise / MiB:.1f} grace {controller.current_grace() * 1000:.1f} ms "
+            f"asked {sum(r.chunks for r in controller.history()) * 4096 / MiB:.0f} MiB "
+            f"in flight {sum(r.outstanding for r in controller._in_flight) / MiB:.1f} MiB "
+            f"freed {cache.stats().evicted_on_request} entries "
+            f"late {controller._late * 1000:.0f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run_server(args: argparse.Namespace) -> int:
     """The service in this process, until SIGTERM."""
     with open("/proc/self/oom_score_adj", "w") as f:
@@ -135,19 +157,22 @@ def run_server(args: argparse.Namespace) -> int:
 
         controller = default_controller()
         print(json.dumps({"signals": controller.describe_signals()}), file=sys.stderr, flush=True)
+        if args.trace:
+            threading.Thread(target=trace, args=(controller, service.cache), daemon=True).start()
     try:
         server.serve_forever()
     finally:
         server.server_close()
     if args.cache == "shrinkable":
         marks = default_controller().watermarks
-        rate, boost = default_controller().growth()
+        rate, rise, boost = default_controller().growth()
         print(
             json.dumps(
                 {
                     "watermarks": None if marks is None else [marks.limit, marks.high, marks.low],
                     "growth_rate": round(rate),
-                    "boost": round(boost),
+                    "rise": round(rise),
+                    "boost": round(boost) if boost < 2**63 else "inf",
                     "grace_s": round(default_controller().current_grace(), 4),
                     "requests": len(default_controller().history()),
                 }
@@ -243,6 +268,7 @@ def run_variant(args: argparse.Namespace, limit_mib: int, kind: str, entries: in
         argv = [sys.executable, HERE, "--role", "server", "--cache", kind]
         argv += ["--entries", str(entries), "--value-size", str(args.value_size)]
         argv += ["--backend-latency", str(args.backend_latency)]
+        argv += ["--trace"] if args.trace else []
         server = group.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert server.stdout is not None
         ready, _, _ = select.select([server.stdout], [], [], 30)
@@ -250,6 +276,11 @@ def run_variant(args: argparse.Namespace, limit_mib: int, kind: str, entries: in
         if not line.startswith("listening on http://127.0.0.1:"):
             raise RuntimeError(f"the server did not start: {line!r}")
         port = int(line.rsplit(":", 1)[1])
+        # Drained meanwhile: a full pipe would stop the server's logging, and it.
+        errors: list[str] = []
+        assert server.stderr is not None
+        drain = threading.Thread(target=lambda: errors.extend(server.stderr), daemon=True)
+        drain.start()
         load = Load(args, port)
         samples: list[tuple[float, int]] = []
         steady: dict[str, Any] = {}
@@ -280,10 +311,13 @@ def run_variant(args: argparse.Namespace, limit_mib: int, kind: str, entries: in
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)  # our own child, by pid
         try:
-            out, err = server.communicate(timeout=60)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            out, err = server.communicate()
+            server.wait()
+        out = server.stdout.read()
+        drain.join(timeout=30)
+        err = "".join(errors)
         oom_kills = group.read_keyed("memory.oom_control").get("oom_kill", 0)
         peak = group.read_int("memory.max_usage_in_bytes")
         limit = limit_mib * MiB
@@ -321,6 +355,9 @@ def run_variant(args: argparse.Namespace, limit_mib: int, kind: str, entries: in
             result["controller"] = json.loads(tail[-1])
         if server.returncode not in (0, -signal.SIGKILL):
             result["stderr"] = err[-2000:]
+        if args.trace:
+            with open(f"/tmp/service-trace-{name}-{limit_mib}.log", "w") as f:
+                f.write(err)
         return result
     finally:
         if server is not None and server.poll() is None:
@@ -349,6 +386,9 @@ def run_limit(args: argparse.Namespace, limit_mib: int) -> dict[str, Any]:
     print(f"{limit_mib} MiB group:", flush=True)
     shrinkable = run_variant(args, limit_mib, "shrinkable", 0)
     show(shrinkable)
+    if args.shrinkable_only:
+        print(json.dumps(shrinkable), flush=True)
+        return {"limit_mib": limit_mib, "shrinkable": shrinkable, "target_met": False}
     fits = limit_mib * MiB // args.value_size
     low, high = fits // 2, fits
     tried: dict[int, dict[str, Any]] = {}
@@ -431,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--precision", type=int, default=25, help="entries, bisection")
     parser.add_argument("--seed", type=int, default=20130103)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shrinkable-only", action="store_true", help="no bisection (probes)")
     parser.add_argument("--cache", choices=["shrinkable", "cachetools"], help=argparse.SUPPRESS)
     parser.add_argument("--entries", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -456,67 +456,100 @@ class TestAdaptiveWatermarks:
     """The default watermarks follow the growth measured (issue 13): close to the limit while
     memory grows slowly, the fixed rule's margin at once when it races."""
 
-    def make(self, efds, working_set=10 * MiB, held=0, **config):
-        memory = ScriptedMemory.with_limit(256 * MiB, working_set)
+    NARROW = Watermarks(256 * MiB, 248 * MiB, 247 * MiB)
+
+    def make(self, efds, **config):
+        """A controller whose first request showed: 250 MiB asks down to 223, which is read."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)
         c = Controller.create(memory, config=ControllerConfig(**config))
         fd = efds()
         c.register(fd, fd, MiB)
-        c.report(fd, held)  # before the first reading: not counted as growth
+        c.report(fd, 100)  # before the first reading: not counted as growth
+        c.evaluate()
+        assert read_counter(fd) == 250 - 223  # high 224 MiB, the least band: 1 MiB
+        memory.set(223 * MiB)
         c.evaluate()
         return c, memory, fd
 
+    def test_the_first_episode_keeps_the_most_headroom(self, efds):
+        """Before any request showed: the fixed rule's headroom (with the band the growth asks
+        for); after, 8 MiB under 256 MiB (the least headroom, the least band): nothing grew."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
+        c = Controller.create(memory)
+        c.evaluate()
+        assert c.watermarks == Watermarks(256 * MiB, 224 * MiB, 223 * MiB)
+        c, _, _ = self.make(efds)
+        assert c.watermarks == self.NARROW
+
     def test_slow_growth_runs_close_to_the_limit(self, efds):
-        """Nothing measured yet, or slow growth: 4 MiB under 256 MiB (fixed rule: 32 MiB)."""
+        """1 MiB every 10 ms (100 MB/s) reported and read: 10 MiB under the limit (100 MB/s x
+        0.1 s, the least reaction assumed; less if the sleeps ran late), a band of about 20 ms
+        of growth."""
         c, memory, fd = self.make(efds)
-        assert c.watermarks == Watermarks(256 * MiB, 252 * MiB, 251 * MiB)
-        for ws in range(11, 51):  # 1 MiB every 10 ms: 100 MiB/s
+        for ws in range(193, 233):
             time.sleep(0.01)
             memory.set(ws * MiB)
             c.report(fd, 1)
             c.evaluate()
         marks = c.watermarks
         assert marks is not None
-        assert marks.high == 252 * MiB  # 100 MB/s x the 10 ms grace: 1 MiB, under the least
-        assert 8 * MiB <= marks.high - marks.low <= 16 * MiB  # about 0.1 s of growth
+        assert 246 * MiB <= marks.high <= 248 * MiB
+        assert MiB <= marks.high - marks.low <= 4 * MiB  # 1 MiB if the sleeps ran late
 
     def test_a_burst_widens_the_margin_at_once(self, efds):
-        """240 MiB asks nothing while growth is slow; 100 MiB reported in 10 ms makes the
+        """240 MiB asks nothing while growth is slow; 1000 MiB reported in 10 ms makes the
         headroom the fixed rule's, and the same reading asks down to the new low watermark.
         (A grace of 50 ms at least: 1 GB/s fills the most headroom even if sleeps run late.)"""
-        c, _, fd = self.make(efds, working_set=240 * MiB, grace=0.05)
-        time.sleep(0.01)
+        c, memory, fd = self.make(efds, grace=0.05)
+        memory.set(240 * MiB)
+        c.report(fd, 48)  # the 48 MiB it grew by, slowly
+        time.sleep(1.0)
         c.evaluate()
         assert read_counter(fd) == 0
         c.report(fd, 1000)
-        time.sleep(0.01)
+        time.sleep(0.03)  # a rate is measured over 20 ms at least
         c.evaluate()
         assert c.watermarks == Watermarks.for_limit(256 * MiB)
         assert read_counter(fd) * MiB >= 240 * MiB - Watermarks.for_limit(256 * MiB).low
 
     def test_re_adds_are_not_growth(self, efds):
         """Chunks given back after a request (it could not free them) are no growth."""
-        c, _, fd = self.make(efds, working_set=255 * MiB, held=10, grace=60.0)
-        time.sleep(0.01)
-        c.evaluate()  # asks down to the low watermark
-        asked = read_counter(fd)
-        assert asked > 0
-        c.report(fd, asked)  # none of it could be freed
-        time.sleep(0.01)
+        c, _, fd = self.make(efds, grace=60.0)
+        assert c.request(fd, 30) == 30
+        assert read_counter(fd) == 30
+        c.report(fd, 30)  # none of it could be freed
+        time.sleep(0.03)  # a window of 20 ms at least
         c.evaluate()
-        rate, _ = c.growth()
-        assert rate == 0.0
+        assert c.growth()[0] == 0.0
+        c.report(fd, 30)  # 30 new chunks: growth
+        time.sleep(0.03)
+        c.evaluate()
+        assert c.growth()[0] > 0.0
+
+    def test_a_rise_after_a_request_widens_the_margin(self, efds):
+        """Memory read 10 MiB above where a request was decided, before it showed: at least
+        20 MiB of headroom from then on."""
+        c, memory, fd = self.make(efds, grace=60.0)
+        memory.set(253 * MiB)
+        c.evaluate()
+        assert read_counter(fd) > 0
+        memory.set(263 * MiB)
+        c.evaluate()
+        assert c.growth()[1] == pytest.approx(10 * MiB, rel=0.01)
+        marks = c.watermarks
+        assert marks is not None and marks.high <= 236 * MiB
 
     def test_the_margin_narrows_again(self, efds, monkeypatch):
         """The measured peak halves every half-life: after a burst, back near the limit."""
         monkeypatch.setattr(policy, "GROWTH_HALF_LIFE", 0.02)
         c, _, fd = self.make(efds, grace=0.05)
         c.report(fd, 1000)
-        time.sleep(0.01)
+        time.sleep(0.03)
         c.evaluate()
         assert c.watermarks == Watermarks.for_limit(256 * MiB)
         time.sleep(0.5)  # 25 half-lives
         c.evaluate()
-        assert c.watermarks == Watermarks(256 * MiB, 252 * MiB, 251 * MiB)
+        assert c.watermarks == self.NARROW
 
     def test_oom_level_pressure_boosts_the_headroom(self, efds):
         """After an OOM-level event the headroom is the most, whatever the growth."""
@@ -528,10 +561,9 @@ class TestAdaptiveWatermarks:
 
     def test_bounds_and_fixed_headroom(self, efds):
         """min_headroom raises the least; an explicit headroom is the fixed rule."""
+        c, _, _ = self.make(efds, min_headroom=16 * MiB)
+        assert c.watermarks is not None and c.watermarks.high == 240 * MiB  # 16 MiB
         memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
-        c = Controller.create(memory, config=ControllerConfig(min_headroom=16 * MiB))
-        c.evaluate()
-        assert c.watermarks is not None and c.watermarks.high == 240 * MiB
         c = Controller.create(memory, config=ControllerConfig(headroom=0.125))
         c.evaluate()
         assert c.watermarks == Watermarks.for_limit(256 * MiB)

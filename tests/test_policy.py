@@ -113,40 +113,41 @@ class TestAdaptiveWatermarks:
     """adaptive_watermarks: headroom and band from the growth and reaction measured (issue 13)."""
 
     def test_slow_cache_runs_close_to_the_limit(self) -> None:
-        """A cache filling at 70 MB/s whose requests show within 20 ms: 4 MiB under 256 MiB,
-        a 7 MiB band (the fixed rule: 32 MiB under it, a 32 MiB band)."""
+        """A cache filling at 70 MB/s whose requests show within 20 ms: 8 MiB under 256 MiB,
+        a 2 MiB band (the fixed rule: 32 MiB under it, a 32 MiB band)."""
         marks = adaptive_watermarks(256 * MiB, 70e6, 0.02)
-        assert marks == Watermarks(256 * MiB, 252 * MiB, 245 * MiB)
+        assert marks == Watermarks(256 * MiB, 248 * MiB, 246 * MiB)
         fixed = Watermarks.for_limit(256 * MiB)
-        assert marks.high - fixed.high == 28 * MiB
+        assert marks.high - fixed.high == 24 * MiB
         assert (marks.high + marks.low) / 2 >= 0.92 * 256 * MiB
 
     def test_racing_allocator_keeps_the_fixed_margin(self) -> None:
-        """2.4 GB/s for 22 ms is 53 MB: the most the bounds allow, as the fixed rule."""
-        for limit in (48 * MiB, 64 * MiB, 256 * MiB, 1 * GiB):
-            marks = adaptive_watermarks(limit, 2.4e9, 0.022)
-            assert marks == Watermarks.for_limit(limit) or limit == GiB
-        # Under 1 GiB the bound (128 MiB) is more than the 53 MB needed; the band is what
-        # grows in 0.1 s, 240 MB, at most that bound.
+        """2.4 GB/s for at least 0.1 s is 240 MB: the most the bounds allow, the fixed rule's
+        headroom; the band is what grows in 20 ms, 48 MB, at most the same bound."""
+        for limit in (48 * MiB, 64 * MiB, 256 * MiB):
+            assert adaptive_watermarks(limit, 2.4e9, 0.022) == Watermarks.for_limit(limit)
         big = adaptive_watermarks(GiB, 2.4e9, 0.022)
-        assert big.high == GiB - 51 * MiB
-        assert big.low == big.high - 128 * MiB
+        assert big.high == Watermarks.for_limit(GiB).high
+        assert big.low == big.high - 46 * MiB
 
     def test_nothing_measured_is_the_least_headroom(self) -> None:
-        """No growth yet: the least headroom (4 MiB, or 1/128 of a large limit), least band."""
+        """No growth: the least headroom (8 MiB, or 1/64 of a large limit), the least band."""
         assert adaptive_watermarks(256 * MiB, 0.0, 0.005) == Watermarks(
-            256 * MiB, 252 * MiB, 251 * MiB
+            256 * MiB, 248 * MiB, 247 * MiB
         )
         assert adaptive_watermarks(GiB, 0.0, 0.005) == Watermarks(
-            GiB, GiB - 8 * MiB, GiB - 12 * MiB
+            GiB, GiB - 16 * MiB, GiB - 20 * MiB
         )
 
     def test_headroom_grows_with_rate_and_reaction(self) -> None:
         """Twice the rate or twice the reaction time: twice the headroom (past the least)."""
-        one = adaptive_watermarks(GiB, 1e9, 0.02)
-        assert GiB - one.high == 20 * MiB
-        assert GiB - adaptive_watermarks(GiB, 2e9, 0.02).high == 39 * MiB
-        assert GiB - adaptive_watermarks(GiB, 1e9, 0.04).high == 39 * MiB
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.2).high == 39 * MiB
+        assert GiB - adaptive_watermarks(GiB, 4e8, 0.2).high == 77 * MiB
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.4).high == 77 * MiB
+
+    def test_reaction_is_at_least_min_reaction(self) -> None:
+        """A measured reaction of 1 ms still assumes 0.1 s: 200 MB/s needs 20 MB."""
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.001).high == 20 * MiB
 
     def test_boost_is_the_most(self) -> None:
         """A boost of the limit (OOM-level pressure) gives the most headroom at any rate."""

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import gc
 import logging
+import math
 import os
 import select
 import threading
@@ -234,7 +235,11 @@ class Controller:
     # chunks, not the re-adds of what a request could not free).
     _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
     _growth_at: float = attrs.field(default=0.0, alias="growth_at")
+    _rise: float = attrs.field(default=0.0, alias="rise")
+    _rise_at: float = attrs.field(default=0.0, alias="rise_at")
     _boost: float = attrs.field(default=0.0, alias="boost")
+    _late: float = attrs.field(default=0.0, alias="late")
+    _late_at: float = attrs.field(default=0.0, alias="late_at")
     _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
     _window_reported: int = attrs.field(default=0, alias="window_reported")
@@ -827,23 +832,42 @@ class Controller:
             # A headroom the user chose; a machine's MemAvailable, which other processes move
             # without telling us: fixed.
             return policy.watermarks(state.limit, state.machine, config.headroom)
-        rate, boost = self.growth()
+        rate, rise, boost = self.growth()
+        with self._lock:
+            measured = bool(self._reclaim_times)
+            # The longest of the recent reclaim times, at least the grace, and of the controller
+            # thread's late wake-ups: the headroom must cover what grows while the slowest
+            # request travels (a loaded machine delays the threads that decide and free, and
+            # the ones that allocate run on).
+            slowest = max(self._reclaim_times, default=0.0)
+        late = policy.decayed_peak(
+            self._late, 0.0, time.monotonic() - self._late_at, policy.GROWTH_HALF_LIFE
+        )
+        reaction = min(max(self.current_grace(), slowest, late), config.escalate_after)
+        if not measured:
+            # No request has shown yet: how late reclaim shows here is unknown, so the first
+            # episode keeps the most headroom (its band still follows the growth: the cache
+            # is asked for a little, not the fixed rule's 2 x headroom).
+            boost = math.inf
         return policy.adaptive_watermarks(
             state.limit,
             rate,
-            self.current_grace(),
+            reaction,
+            rise,
             boost,
             min_headroom=config.min_headroom,
             max_headroom=config.max_headroom,
         )
 
-    def growth(self) -> tuple[float, float]:
-        """The growth rate (bytes/s) and boost (bytes) the adaptive watermarks follow now."""
+    def growth(self) -> tuple[float, float, float]:
+        """What the adaptive watermarks follow now: the growth rate (bytes/s), the rise after
+        a request before it showed (bytes) and the boost (bytes)."""
         now = time.monotonic()
         half_life = policy.GROWTH_HALF_LIFE
         rate = policy.decayed_peak(self._growth_rate, 0.0, now - self._growth_at, half_life)
+        rise = policy.decayed_peak(self._rise, 0.0, now - self._rise_at, half_life)
         boost = policy.decayed_peak(self._boost, 0.0, now - self._boost_at, half_life)
-        return rate, boost
+        return rate, rise, boost
 
     def _measure_growth(self, read_at: float, working_set: int) -> None:
         """Raise the growth rate's peak by a reading (called with the evaluation lock).
@@ -867,6 +891,17 @@ class Controller:
             self._growth_rate, sample, read_at - self._growth_at, policy.GROWTH_HALF_LIFE
         )
         self._growth_at = read_at
+
+    def _measure_lateness(self, late: float) -> None:
+        # A timed wake-up that came late: the machine kept this thread off its CPU (or the GIL
+        # from it) that long, and a request decided on it waits as long while memory grows.
+        if late <= 0:
+            return
+        now = time.monotonic()
+        self._late = policy.decayed_peak(
+            self._late, late, now - self._late_at, policy.GROWTH_HALF_LIFE
+        )
+        self._late_at = now
 
     def _boost_headroom(self) -> None:
         # OOM-level pressure: the margin was too narrow, whatever was measured. Like the
@@ -895,6 +930,16 @@ class Controller:
         remaining = dict(zip(map(id, judged), left, strict=True))
         keep: list[_Round] = []
         total = 0
+        # Rounds decided at the high watermark or above (not explicit requests, far below).
+        high = self._marks.high if self._marks is not None else None
+        rises = [working_set - r.base for r in judged if high is not None and r.base >= high]
+        rise = max(rises, default=0)
+        if rise > 0:
+            # Memory grew after a request, before it showed: the headroom must cover that.
+            self._rise = policy.decayed_peak(
+                self._rise, rise, read_at - self._rise_at, policy.GROWTH_HALF_LIFE
+            )
+            self._rise_at = read_at
         for round_ in self._in_flight:
             out = remaining.get(id(round_), round_.outstanding)
             judged_now = id(round_) in remaining
@@ -928,15 +973,17 @@ class Controller:
         self._grown_since_read = 0
         self._last_state = state
         self._measure_growth(read_at, state.working_set)
+        now = time.monotonic()
+        with self._lock:
+            # Before the watermarks: the reclaim times and rise this reading shows count.
+            in_flight = self._in_flight_bytes(read_at, state.working_set)
+            self._judge_rounds(now, state.working_set)
         self._rewatermark(state)
         marks = self._marks
         if marks is None:
             return state
-        now = time.monotonic()
-        with self._lock:
-            in_flight = self._in_flight_bytes(read_at, state.working_set)
-            self._judge_rounds(now, state.working_set)
-            if state.working_set < marks.low:
+        if state.working_set < marks.low:
+            with self._lock:
                 self._distrusted.clear()
         if state.working_set < marks.high:
             self._above_since = None
@@ -1007,10 +1054,14 @@ class Controller:
     def _run(self) -> None:
         assert self._epoll is not None
         while not self._stopping:
+            timeout = self._timeout()
+            started = time.monotonic()
             try:
-                events = self._epoll.poll(self._timeout())
+                events = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
+            if not events and timeout >= 0:
+                self._measure_lateness(time.monotonic() - started - timeout)
             if self._stopping:
                 break
             try:
