@@ -4,9 +4,11 @@ Pure functions of numbers, so they are tested directly. The controller feeds the
 
 *How much*: watermarks under the limit, as kswapd uses them. When the working set reaches the
 high watermark, ask for enough to bring it down to the low watermark; the gap between the two is
-the hysteresis that keeps requests few and large. The headroom above the high watermark is what
-the application may allocate while a request travels (user space reacts in milliseconds, not
-synchronously like in-kernel shrinkers), so it scales with the limit.
+the hysteresis. The headroom above the high watermark is what the application may allocate while
+a request travels (user space reacts in milliseconds, not synchronously like in-kernel
+shrinkers). Under a limit both follow what the controller measured (:func:`adaptive_watermarks`):
+how fast memory grows and how late reclaim shows, so a slowly growing cache runs close to the
+limit and is asked for a little, often, and a racing allocator keeps a wide margin.
 
 *From whom*: Linux's own shrinkers (mm/shrinker.c, ``do_shrink_slab``) ask each cache in
 proportion to what it holds, divided by ``seeks``, its cost to rebuild an object. pyshrinker
@@ -198,9 +200,9 @@ def adaptive_watermarks(
     :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom. Both are rounded up to
     :data:`WATERMARK_STEP`.
 
-    So a cache filling at 70 MB/s, whose requests show in 10 ms, runs 4 MiB under a 256 MiB
-    limit with a band of 7 MiB; a thread allocating at 2.4 GB/s gets the fixed rule's
-    watermarks (:meth:`Watermarks.for_limit`), the most the bounds allow. Linux sizes the gaps
+    The reaction is taken as :data:`MIN_REACTION` at least. So a cache filling at 70 MB/s runs
+    8 MiB under a 256 MiB limit with a band of 2 MiB; a thread allocating at 2.4 GB/s gets the
+    fixed rule's watermarks (:meth:`Watermarks.for_limit`), the most the bounds allow. Linux sizes the gaps
     between its zone watermarks the same way, as a scale of memory (``watermark_scale_factor``,
     0.1 %), and widens them at once after an event that shows them too narrow (watermark
     boost, decayed as kswapd catches up); here the measurements are the event.
