@@ -163,7 +163,7 @@ def run_server(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         server.server_close()
-    if args.cache == "shrinkable":
+    if args.cache == "shrinkable" and hasattr(default_controller(), "growth"):
         marks = default_controller().watermarks
         rate, rise, boost = default_controller().growth()
         print(
