@@ -87,7 +87,7 @@ class ControllerConfig:
     #: band follow the growth and reaction measured (``policy.adaptive_watermarks``).
     headroom: int | float | None = None
     #: Bounds of the adaptive headroom, bytes (int) or fractions of the limit (float); None:
-    #: ``policy.headroom_bounds``' defaults (4 MiB or 1/128 of the limit; the fixed rule's).
+    #: ``policy.headroom_bounds``' defaults (8 MiB or 1/64 of the limit; the fixed rule's).
     min_headroom: int | float | None = None
     max_headroom: int | float | None = None
     #: Shortest time (seconds) a request counts as in flight (not asked again) unless its
@@ -229,18 +229,19 @@ class Controller:
     # replaced whole, so a reader never sees it half-changed.
     _threshold_fds: tuple[int, ...] = attrs.field(default=(), alias="threshold_fds")
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
-    # What the adaptive watermarks follow (policy.adaptive_watermarks): the peak growth rate
-    # (bytes/s) and boost (bytes), each decaying from the time it was last raised; the window
-    # a growth rate is measured over (start, working set then, bytes reported since: new
-    # chunks, not the re-adds of what a request could not free).
+    # What the adaptive watermarks follow (policy.adaptive_watermarks): peaks of the growth
+    # rate (bytes/s), the rise after a request (bytes), the boost (bytes) and the controller
+    # thread's lateness (s), each decaying from the time it was last raised; the window a
+    # growth rate is measured over (start, working set then, and the bytes reported since:
+    # new chunks, not the re-adds of what a request could not free).
     _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
     _growth_at: float = attrs.field(default=0.0, alias="growth_at")
     _rise: float = attrs.field(default=0.0, alias="rise")
     _rise_at: float = attrs.field(default=0.0, alias="rise_at")
     _boost: float = attrs.field(default=0.0, alias="boost")
+    _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _late: float = attrs.field(default=0.0, alias="late")
     _late_at: float = attrs.field(default=0.0, alias="late_at")
-    _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
     _window_reported: int = attrs.field(default=0, alias="window_reported")
     _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
@@ -840,9 +841,9 @@ class Controller:
             # request travels (a loaded machine delays the threads that decide and free, and
             # the ones that allocate run on).
             slowest = max(self._reclaim_times, default=0.0)
-        late = policy.decayed_peak(
-            self._late, 0.0, time.monotonic() - self._late_at, policy.GROWTH_HALF_LIFE
-        )
+            late = policy.decayed_peak(
+                self._late, 0.0, time.monotonic() - self._late_at, policy.GROWTH_HALF_LIFE
+            )
         reaction = min(max(self.current_grace(), slowest, late), config.escalate_after)
         if not measured:
             # No request has shown yet: how late reclaim shows here is unknown, so the first
@@ -898,10 +899,11 @@ class Controller:
         if late <= 0:
             return
         now = time.monotonic()
-        self._late = policy.decayed_peak(
-            self._late, late, now - self._late_at, policy.GROWTH_HALF_LIFE
-        )
-        self._late_at = now
+        with self._lock:  # read by whichever thread evaluates
+            self._late = policy.decayed_peak(
+                self._late, late, now - self._late_at, policy.GROWTH_HALF_LIFE
+            )
+            self._late_at = now
 
     def _boost_headroom(self) -> None:
         # OOM-level pressure: the margin was too narrow, whatever was measured. Like the
@@ -1136,6 +1138,7 @@ class Controller:
         self._thresholds.clear()
         self._marks = None
         self._last_state = None
+        self._window = None  # the new group's working set is no growth of the old one's
         old = self.memory
         self.memory = None
         if old is not None:
