@@ -202,10 +202,11 @@ def adaptive_watermarks(
 
     The reaction is taken as :data:`MIN_REACTION` at least. So a cache filling at 70 MB/s runs
     8 MiB under a 256 MiB limit with a band of 2 MiB; a thread allocating at 2.4 GB/s gets the
-    fixed rule's watermarks (:meth:`Watermarks.for_limit`), the most the bounds allow. Linux sizes the gaps
-    between its zone watermarks the same way, as a scale of memory (``watermark_scale_factor``,
-    0.1 %), and widens them at once after an event that shows them too narrow (watermark
-    boost, decayed as kswapd catches up); here the measurements are the event.
+    fixed rule's watermarks (:meth:`Watermarks.for_limit`), the most the bounds allow. Linux
+    sizes the gaps between its zone watermarks the same way, as a scale of memory
+    (``watermark_scale_factor``, 0.1 %), and widens them at once after an event that shows them
+    too narrow (watermark boost, decayed as kswapd catches up); here the measurements are the
+    event.
     """
     least, most = headroom_bounds(limit, min_headroom, max_headroom)
     rate = max(0.0, growth_rate) if growth_rate == growth_rate else math.inf
