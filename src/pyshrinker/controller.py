@@ -230,10 +230,11 @@ class Controller:
     _threshold_fds: tuple[int, ...] = attrs.field(default=(), alias="threshold_fds")
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
     # What the adaptive watermarks follow (policy.adaptive_watermarks): peaks of the growth
-    # rate (bytes/s), the rise after a request (bytes), the boost (bytes) and the controller
-    # thread's lateness (s), each decaying from the time it was last raised; the window a
-    # growth rate is measured over (start, working set then, and the bytes reported since:
-    # new chunks, not the re-adds of what a request could not free).
+    # rate (bytes/s), the rise after a request (bytes), the boost (bytes), the controller
+    # thread's lateness (s) and the time a round that never showed holds on (s), each decaying
+    # from the time it was last raised; the window a growth rate is measured over (start,
+    # working set then, and the bytes reported since: new chunks, not the re-adds of what a
+    # request could not free).
     _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
     _growth_at: float = attrs.field(default=0.0, alias="growth_at")
     _rise: float = attrs.field(default=0.0, alias="rise")
@@ -242,6 +243,8 @@ class Controller:
     _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _late: float = attrs.field(default=0.0, alias="late")
     _late_at: float = attrs.field(default=0.0, alias="late_at")
+    _unshown: float = attrs.field(default=0.0, alias="unshown")
+    _unshown_at: float = attrs.field(default=0.0, alias="unshown_at")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
     _window_reported: int = attrs.field(default=0, alias="window_reported")
     _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
@@ -841,10 +844,11 @@ class Controller:
             # request travels (a loaded machine delays the threads that decide and free, and
             # the ones that allocate run on).
             slowest = max(self._reclaim_times, default=0.0)
-            late = policy.decayed_peak(
-                self._late, 0.0, time.monotonic() - self._late_at, policy.GROWTH_HALF_LIFE
-            )
-        reaction = min(max(self.current_grace(), slowest, late), config.escalate_after)
+            now = time.monotonic()
+            half_life = policy.GROWTH_HALF_LIFE
+            late = policy.decayed_peak(self._late, 0.0, now - self._late_at, half_life)
+            unshown = policy.decayed_peak(self._unshown, 0.0, now - self._unshown_at, half_life)
+        reaction = min(max(self.current_grace(), slowest, late, unshown), config.escalate_after)
         if not measured:
             # No request has shown yet: how late reclaim shows here is unknown, so the first
             # episode keeps the most headroom (its band still follows the growth: the cache
@@ -951,6 +955,17 @@ class Controller:
             if round_.deadline <= read_at:
                 # Unshown within its grace: the grace was too short for this client.
                 self._reclaim_times.append(read_at - round_.sent_at)
+                if judged_now and out * 2 > round_.asked:
+                    # Most of it never showed (a client that cannot or will not free): until
+                    # its owner is distrusted or the controller escalates, escalate_after
+                    # passes, and the others grow meanwhile. The headroom must cover that.
+                    self._unshown = policy.decayed_peak(
+                        self._unshown,
+                        self.config.escalate_after,
+                        read_at - self._unshown_at,
+                        policy.GROWTH_HALF_LIFE,
+                    )
+                    self._unshown_at = read_at
                 continue
             keep.append(round_)
             total += out
