@@ -539,6 +539,22 @@ class TestAdaptiveWatermarks:
         marks = c.watermarks
         assert marks is not None and marks.high <= 236 * MiB
 
+    def test_a_round_that_never_shows_widens_the_margin(self, efds):
+        """A round that expires unshown (a client that does not free) holds for escalate_after
+        until its owner is distrusted: the headroom covers that long of growth, not 0.1 s."""
+        c, memory, fd = self.make(efds, grace=0.005)
+        c.report(fd, 27)
+        memory.set(250 * MiB)  # 27 MiB in about 0.2 s: some 140 MB/s
+        time.sleep(0.2)
+        c.evaluate()
+        assert read_counter(fd) > 0  # 140 MB/s x 0.1 s: 14 MB of headroom, asked at 250
+        before = c.watermarks
+        time.sleep(0.05)
+        c.evaluate()  # nothing showed: the round expired
+        after = c.watermarks
+        assert before is not None and after is not None
+        assert after.high < before.high
+
     def test_the_margin_narrows_again(self, efds, monkeypatch):
         """The measured peak halves every half-life: after a burst, back near the limit."""
         monkeypatch.setattr(policy, "GROWTH_HALF_LIFE", 0.02)
