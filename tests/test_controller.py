@@ -539,18 +539,20 @@ class TestAdaptiveWatermarks:
         marks = c.watermarks
         assert marks is not None and marks.high <= 236 * MiB
 
-    def test_a_round_that_never_shows_widens_the_margin(self, efds):
-        """A round that expires unshown (a client that does not free) holds for escalate_after
-        until its owner is distrusted: the headroom covers that long of growth, not 0.1 s."""
-        c, memory, fd = self.make(efds, grace=0.005)
+    def test_an_owner_that_does_not_free_widens_the_margin(self, efds):
+        """An owner distrusted (its round did not lower usage) held the episode up for
+        escalate_after: the headroom covers that long of growth from then on, not 0.1 s."""
+        c, memory, fd = self.make(efds, grace=0.005, escalate_after=0.3)
         c.report(fd, 27)
         memory.set(250 * MiB)  # 27 MiB in about 0.2 s: some 140 MB/s
         time.sleep(0.2)
         c.evaluate()
         assert read_counter(fd) > 0  # 140 MB/s x 0.1 s: 14 MB of headroom, asked at 250
         before = c.watermarks
-        time.sleep(0.05)
-        c.evaluate()  # nothing showed: the round expired
+        time.sleep(0.32)
+        c.evaluate()  # nothing showed: judged, distrusted
+        assert c.distrusted() == [fd]
+        c.evaluate()
         after = c.watermarks
         assert before is not None and after is not None
         assert after.high < before.high

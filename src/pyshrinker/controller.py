@@ -231,7 +231,7 @@ class Controller:
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
     # What the adaptive watermarks follow (policy.adaptive_watermarks): peaks of the growth
     # rate (bytes/s), the rise after a request (bytes), the boost (bytes), the controller
-    # thread's lateness (s) and the time a round that never showed holds on (s), each decaying
+    # thread's lateness (s) and the time an owner that does not free holds on (s), each decaying
     # from the time it was last raised; the window a growth rate is measured over (start,
     # working set then, and the bytes reported since: new chunks, not the re-adds of what a
     # request could not free).
@@ -243,6 +243,8 @@ class Controller:
     _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _late: float = attrs.field(default=0.0, alias="late")
     _late_at: float = attrs.field(default=0.0, alias="late_at")
+    #: A round of requests has shown in the working set (before: the most headroom).
+    _shown: bool = attrs.field(default=False, alias="shown")
     _unshown: float = attrs.field(default=0.0, alias="unshown")
     _unshown_at: float = attrs.field(default=0.0, alias="unshown_at")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
@@ -684,6 +686,16 @@ class Controller:
             if judge_at <= now:
                 if owner not in self._distrusted:
                     log.warning("asking %r did not lower usage: asking the others", owner)
+                    # Such an owner holds an episode up for escalate_after at its first round,
+                    # while the others grow: the headroom covers that long (it may not be the
+                    # last such owner), decaying like the rest.
+                    self._unshown = policy.decayed_peak(
+                        self._unshown,
+                        self.config.escalate_after,
+                        now - self._unshown_at,
+                        policy.GROWTH_HALF_LIFE,
+                    )
+                    self._unshown_at = now
                 self._distrusted.add(owner)
                 continue
             pending.append((judge_at, working_set_then, asked, owner))
@@ -838,7 +850,7 @@ class Controller:
             return policy.watermarks(state.limit, state.machine, config.headroom)
         rate, rise, boost = self.growth()
         with self._lock:
-            measured = bool(self._reclaim_times)
+            measured = self._shown
             # The longest of the recent reclaim times, at least the grace, and of the controller
             # thread's late wake-ups: the headroom must cover what grows while the slowest
             # request travels (a loaded machine delays the threads that decide and free, and
@@ -951,21 +963,11 @@ class Controller:
             judged_now = id(round_) in remaining
             if judged_now and out * 10 <= round_.asked:
                 self._reclaim_times.append(read_at - round_.sent_at)
+                self._shown = True
                 continue
             if round_.deadline <= read_at:
                 # Unshown within its grace: the grace was too short for this client.
                 self._reclaim_times.append(read_at - round_.sent_at)
-                if judged_now and out * 2 > round_.asked:
-                    # Most of it never showed (a client that cannot or will not free): until
-                    # its owner is distrusted or the controller escalates, escalate_after
-                    # passes, and the others grow meanwhile. The headroom must cover that.
-                    self._unshown = policy.decayed_peak(
-                        self._unshown,
-                        self.config.escalate_after,
-                        read_at - self._unshown_at,
-                        policy.GROWTH_HALF_LIFE,
-                    )
-                    self._unshown_at = read_at
                 continue
             keep.append(round_)
             total += out
