@@ -459,25 +459,25 @@ class TestAdaptiveWatermarks:
     NARROW = Watermarks(256 * MiB, 248 * MiB, 247 * MiB)
 
     def make(self, efds, **config):
-        """A controller whose first request showed: 250 MiB asks down to 223, which is read."""
+        """A controller whose first request showed: 250 MiB asks down to 192, which is read."""
         memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)
         c = Controller.create(memory, config=ControllerConfig(**config))
         fd = efds()
         c.register(fd, fd, MiB)
         c.report(fd, 100)  # before the first reading: not counted as growth
         c.evaluate()
-        assert read_counter(fd) == 250 - 223  # high 224 MiB, the least band: 1 MiB
-        memory.set(223 * MiB)
+        assert read_counter(fd) == 250 - 192  # the fixed rule's: high 224, low 192 MiB
+        memory.set(192 * MiB)
         c.evaluate()
         return c, memory, fd
 
     def test_the_first_episode_keeps_the_most_headroom(self, efds):
-        """Before any request showed: the fixed rule's headroom (with the band the growth asks
-        for); after, 8 MiB under 256 MiB (the least headroom, the least band): nothing grew."""
+        """Before any request showed: the fixed rule's watermarks; after, 8 MiB under 256 MiB
+        (the least headroom, the least band): nothing grew."""
         memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
         c = Controller.create(memory)
         c.evaluate()
-        assert c.watermarks == Watermarks(256 * MiB, 224 * MiB, 223 * MiB)
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
         c, _, _ = self.make(efds)
         assert c.watermarks == self.NARROW
 

@@ -862,16 +862,19 @@ class Controller:
             unshown = policy.decayed_peak(self._unshown, 0.0, now - self._unshown_at, half_life)
         reaction = min(max(self.current_grace(), slowest, late, unshown), config.escalate_after)
         if not measured:
-            # No request has shown yet: how late reclaim shows here is unknown, so the first
-            # episode keeps the most headroom (its band still follows the growth: the cache
-            # is asked for a little, not the fixed rule's 2 x headroom).
-            boost = math.inf
+            # No round has shown yet: how late reclaim shows here is unknown, and who frees
+            # (a client that claims much and frees nothing takes the first asks): the first
+            # episode runs on the fixed rule's watermarks, as if memory raced.
+            rate = math.inf
         return policy.adaptive_watermarks(
             state.limit,
             rate,
             reaction,
             rise,
             boost,
+            # After an owner was distrusted, episodes long enough to keep it so: trust comes
+            # back when one ends (under the low watermark), and a narrow band ends them fast.
+            band_seconds=max(policy.BAND_SECONDS, unshown),
             min_headroom=config.min_headroom,
             max_headroom=config.max_headroom,
         )

@@ -184,6 +184,7 @@ def adaptive_watermarks(
     rise: float = 0.0,
     boost: float = 0.0,
     *,
+    band_seconds: float = BAND_SECONDS,
     min_headroom: int | float | None = None,
     max_headroom: int | float | None = None,
 ) -> Watermarks:
@@ -196,7 +197,7 @@ def adaptive_watermarks(
     and at least ``boost`` (bytes: the controller boosts the headroom to its most when the
     kernel signals OOM-level pressure), within
     :func:`headroom_bounds`. The
-    band (high - low) is what grows in :data:`BAND_SECONDS`, at least :data:`MIN_BAND` or
+    band (high - low) is what grows in ``band_seconds`` (:data:`BAND_SECONDS`), at least :data:`MIN_BAND` or
     :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom. Both are rounded up to
     :data:`WATERMARK_STEP`.
 
@@ -217,7 +218,7 @@ def adaptive_watermarks(
     )
     room = _stepped(wanted, least, most)
     band_least = min(most, max(MIN_BAND, int(limit * MIN_BAND_FRACTION)))
-    band = _stepped(rate * BAND_SECONDS, band_least, most)
+    band = _stepped(rate * max(0.0, band_seconds), band_least, most)
     return Watermarks(limit=limit, high=max(0, limit - room), low=max(0, limit - room - band))
 
 
