@@ -197,8 +197,8 @@ def adaptive_watermarks(
     and at least ``boost`` (bytes: the controller boosts the headroom to its most when the
     kernel signals OOM-level pressure), within
     :func:`headroom_bounds`. The
-    band (high - low) is what grows in ``band_seconds`` (:data:`BAND_SECONDS`), at least :data:`MIN_BAND` or
-    :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom. Both are rounded up to
+    band (high - low) is what grows in ``band_seconds`` (:data:`BAND_SECONDS`), at least
+    :data:`MIN_BAND` or :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom. Both are rounded up to
     :data:`WATERMARK_STEP`.
 
     The reaction is taken as :data:`MIN_REACTION` at least. So a cache filling at 70 MB/s runs
