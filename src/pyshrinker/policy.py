@@ -198,8 +198,8 @@ def adaptive_watermarks(
     kernel signals OOM-level pressure), within
     :func:`headroom_bounds`. The
     band (high - low) is what grows in ``band_seconds`` (:data:`BAND_SECONDS`), at least
-    :data:`MIN_BAND` or :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom. Both are rounded up to
-    :data:`WATERMARK_STEP`.
+    :data:`MIN_BAND` or :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom.
+    Both are rounded up to :data:`WATERMARK_STEP`.
 
     The reaction is taken as :data:`MIN_REACTION` at least. So a cache filling at 70 MB/s runs
     8 MiB under a 256 MiB limit with a band of 2 MiB; a thread allocating at 2.4 GB/s gets the
