@@ -458,6 +458,21 @@ class TestAdaptiveWatermarks:
 
     NARROW = Watermarks(256 * MiB, 248 * MiB, 247 * MiB)
 
+    @pytest.fixture(autouse=True)
+    def trust_at_once(self, monkeypatch):
+        """The rule applies at once here (by default after 1 s of measuring: TRUST_AFTER)."""
+        monkeypatch.setattr(policy, "TRUST_AFTER", 0.0)
+
+    def test_a_second_of_measuring_first(self, efds, monkeypatch):
+        """Under TRUST_AFTER of measuring (a controller that just took over), the fixed rule's
+        watermarks even after a round showed."""
+        monkeypatch.setattr(policy, "TRUST_AFTER", 0.3)
+        c, _, _ = self.make(efds)
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        time.sleep(0.31)
+        c.evaluate()
+        assert c.watermarks == self.NARROW
+
     def make(self, efds, **config):
         """A controller whose first request showed: 250 MiB asks down to 192, which is read."""
         memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)

@@ -243,8 +243,10 @@ class Controller:
     _boost_at: float = attrs.field(default=0.0, alias="boost_at")
     _late: float = attrs.field(default=0.0, alias="late")
     _late_at: float = attrs.field(default=0.0, alias="late_at")
-    #: A round of requests has shown in the working set (before: the most headroom).
+    #: A round of requests has shown in the working set, and since when growth is measured
+    #: (before both, and policy.TRUST_AFTER: the fixed rule's watermarks).
     _shown: bool = attrs.field(default=False, alias="shown")
+    _measuring_since: float | None = attrs.field(default=None, alias="measuring_since")
     _unshown: float = attrs.field(default=0.0, alias="unshown")
     _unshown_at: float = attrs.field(default=0.0, alias="unshown_at")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
@@ -850,7 +852,10 @@ class Controller:
             return policy.watermarks(state.limit, state.machine, config.headroom)
         rate, rise, boost = self.growth()
         with self._lock:
-            measured = self._shown
+            since = self._measuring_since
+            measured = (
+                self._shown and since is not None and time.monotonic() - since >= policy.TRUST_AFTER
+            )
             # The longest of the recent reclaim times, at least the grace, and of the controller
             # thread's late wake-ups: the headroom must cover what grows while the slowest
             # request travels (a loaded machine delays the threads that decide and free, and
@@ -904,6 +909,8 @@ class Controller:
             self._window_reported = 0
         self._window = (read_at, working_set)
         if window is None:
+            if self._measuring_since is None:
+                self._measuring_since = read_at
             return
         started, working_set_then = window
         sample = max(reported, working_set - working_set_then, 0) / (read_at - started)

@@ -124,6 +124,10 @@ GROWTH_HALF_LIFE = 10.0
 #: A growth rate is measured over at least this many seconds (a single large report must not
 #: read as a rate of gigabytes per second, nor a burst of a few milliseconds as sustained).
 RATE_WINDOW = 0.02
+#: The adaptive rule applies once growth was measured for this many seconds (and a round of
+#: requests has shown): a rate seen over less, by a controller that just started or took over
+#: from another process, may be a pause in a burst.
+TRUST_AFTER = 1.0
 #: The reaction time the headroom assumes at least (seconds). Measured on a loaded machine (load
 #: average 15-20 on 2 CPUs), a caching HTTP service's requests went unserved for up to ~100 ms
 #: while its other threads allocated on: the median reclaim time (10-40 ms) does not see that.
