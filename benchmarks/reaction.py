@@ -56,7 +56,13 @@ from collections.abc import Callable
 
 import attrs
 
-from pyshrinker import Controller, EmbeddedTransport, Shrinker, set_reaction_switch_interval
+from pyshrinker import (
+    Controller,
+    ControllerConfig,
+    EmbeddedTransport,
+    Shrinker,
+    set_reaction_switch_interval,
+)
 from pyshrinker.cgroup import CgroupVersion, MemorySource, MemoryState
 from pyshrinker.policy import Watermarks
 
@@ -64,6 +70,7 @@ CHUNK_SIZE = 4096
 #: The direct path: 1 MiB chunks under a 256 MiB limit.
 DIRECT_CHUNK = 1 << 20
 DIRECT_LIMIT = 256 << 20
+DIRECT_HEADROOM = 32 << 20
 TARGET_IDLE_MEDIAN_US = 100.0
 TARGET_BUSY_P99_US = 5000.0
 
@@ -299,8 +306,12 @@ def measure_direct(samples: int, *, busy: bool, pinned: bool, max_seconds: float
     low watermark, and ``reclaim_pending()`` frees them here.
     """
     memory = HeldBytes(CgroupVersion.BUDGET, "reaction-benchmark")
-    controller = Controller.create(memory).start()
-    marks = Watermarks.for_limit(DIRECT_LIMIT)
+    # Fixed watermarks (the adaptive ones would move with the refills' bursts of reports, and
+    # the refill must stop one chunk under the high watermark); the growth is measured all the
+    # same, so each decision costs what it costs by default.
+    config = ControllerConfig(headroom=DIRECT_HEADROOM)
+    controller = Controller.create(memory, config=config).start()
+    marks = Watermarks.for_limit(DIRECT_LIMIT, DIRECT_HEADROOM)
 
     def free(n: int) -> None:
         memory.held -= n * DIRECT_CHUNK

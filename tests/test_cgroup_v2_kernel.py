@@ -270,6 +270,7 @@ class TestWhatTheControllerPicks:
         group = v2_group(256 * MiB)
         chosen = probe(group)
         assert (chosen["version"], chosen["path"]) == ("v2", group.path)
+        # Before a first round of requests has shown: the fixed rule's watermarks.
         assert chosen["marks"] == list(astuple(Watermarks.for_limit(256 * MiB)))
         signals = "\n".join(chosen["signals"])
         assert f"cgroup v2 memory.events ({group.path})" in signals

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyshrinker import AbiError, ClosedError, Level
+from pyshrinker import AbiError, ClosedError, Level, policy
 from pyshrinker._syscalls import EventfdFlag, eventfd, eventfd_read
 from pyshrinker.cgroup import CgroupV1
 from pyshrinker.controller import Controller, ControllerConfig, parse_size
@@ -238,6 +238,9 @@ class TestEvaluate:
     """Watermarks, in-flight requests and escalation, on scripted readings."""
 
     def make(self, efds, *, limit=256 * MiB, **config):
+        # The fixed rule's watermarks (Watermarks.for_limit): these tests are about requests in
+        # flight and escalation; TestAdaptiveWatermarks is about where the watermarks go.
+        config.setdefault("headroom", 32 * MiB)
         memory = ScriptedMemory.with_limit(limit)
         c = Controller.create(memory, config=ControllerConfig(**config))
         c._rewatermark()
@@ -360,6 +363,7 @@ class TestHostileClaims:
 
     def make(self, efds, **config):
         memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)  # high 224, low 192 MiB
+        config.setdefault("headroom", 32 * MiB)  # the fixed rule's watermarks
         c = Controller.create(memory, config=ControllerConfig(**config))
         liar, honest = efds(), efds()
         c.register(liar, liar, 4096)
@@ -448,13 +452,164 @@ class TestThread:
         assert thread is not None and not thread.is_alive()
 
 
+class TestAdaptiveWatermarks:
+    """The default watermarks follow the growth measured (issue 13): close to the limit while
+    memory grows slowly, the fixed rule's margin at once when it races."""
+
+    NARROW = Watermarks(256 * MiB, 248 * MiB, 247 * MiB)
+
+    @pytest.fixture(autouse=True)
+    def trust_at_once(self, monkeypatch):
+        """The rule applies at once here (by default after 1 s of measuring: TRUST_AFTER)."""
+        monkeypatch.setattr(policy, "TRUST_AFTER", 0.0)
+
+    def test_a_second_of_measuring_first(self, efds, monkeypatch):
+        """Under TRUST_AFTER of measuring (a controller that just took over), the fixed rule's
+        watermarks even after a round showed."""
+        monkeypatch.setattr(policy, "TRUST_AFTER", 0.3)
+        c, _, _ = self.make(efds)
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        time.sleep(0.31)
+        c.evaluate()
+        assert c.watermarks == self.NARROW
+
+    def make(self, efds, **config):
+        """A controller whose first request showed: 250 MiB asks down to 192, which is read."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)
+        c = Controller.create(memory, config=ControllerConfig(**config))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.report(fd, 100)  # before the first reading: not counted as growth
+        c.evaluate()
+        assert read_counter(fd) == 250 - 192  # the fixed rule's: high 224, low 192 MiB
+        memory.set(192 * MiB)
+        c.evaluate()
+        return c, memory, fd
+
+    def test_the_first_episode_keeps_the_most_headroom(self, efds):
+        """Before any request showed: the fixed rule's watermarks; after, 8 MiB under 256 MiB
+        (the least headroom, the least band): nothing grew."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
+        c = Controller.create(memory)
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        c, _, _ = self.make(efds)
+        assert c.watermarks == self.NARROW
+
+    def test_slow_growth_runs_close_to_the_limit(self, efds):
+        """1 MiB every 10 ms (100 MB/s) reported and read: 10 MiB under the limit (100 MB/s x
+        0.1 s, the least reaction assumed; less if the sleeps ran late), a band of about 20 ms
+        of growth."""
+        c, memory, fd = self.make(efds)
+        for ws in range(193, 233):
+            time.sleep(0.01)
+            memory.set(ws * MiB)
+            c.report(fd, 1)
+            c.evaluate()
+        marks = c.watermarks
+        assert marks is not None
+        assert 246 * MiB <= marks.high <= 248 * MiB
+        assert MiB <= marks.high - marks.low <= 4 * MiB  # 1 MiB if the sleeps ran late
+
+    def test_a_burst_widens_the_margin_at_once(self, efds):
+        """240 MiB asks nothing while growth is slow; 1000 MiB reported in 10 ms makes the
+        headroom the fixed rule's, and the same reading asks down to the new low watermark.
+        (A grace of 50 ms at least: 1 GB/s fills the most headroom even if sleeps run late.)"""
+        c, memory, fd = self.make(efds, grace=0.05)
+        memory.set(240 * MiB)
+        c.report(fd, 48)  # the 48 MiB it grew by, slowly
+        time.sleep(1.0)
+        c.evaluate()
+        assert read_counter(fd) == 0
+        c.report(fd, 1000)
+        time.sleep(0.03)  # a rate is measured over 20 ms at least
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        assert read_counter(fd) * MiB >= 240 * MiB - Watermarks.for_limit(256 * MiB).low
+
+    def test_re_adds_are_not_growth(self, efds):
+        """Chunks given back after a request (it could not free them) are no growth."""
+        c, _, fd = self.make(efds, grace=60.0)
+        assert c.request(fd, 30) == 30
+        assert read_counter(fd) == 30
+        c.report(fd, 30)  # none of it could be freed
+        time.sleep(0.03)  # a window of 20 ms at least
+        c.evaluate()
+        assert c.growth()[0] == 0.0
+        c.report(fd, 30)  # 30 new chunks: growth
+        time.sleep(0.03)
+        c.evaluate()
+        assert c.growth()[0] > 0.0
+
+    def test_a_rise_after_a_request_widens_the_margin(self, efds):
+        """Memory read 10 MiB above where a request was decided, before it showed: at least
+        20 MiB of headroom from then on."""
+        c, memory, fd = self.make(efds, grace=60.0)
+        memory.set(253 * MiB)
+        c.evaluate()
+        assert read_counter(fd) > 0
+        memory.set(263 * MiB)
+        c.evaluate()
+        assert c.growth()[1] == pytest.approx(10 * MiB, rel=0.01)
+        marks = c.watermarks
+        assert marks is not None and marks.high <= 236 * MiB
+
+    def test_an_owner_that_does_not_free_widens_the_margin(self, efds):
+        """An owner distrusted (its round did not lower usage) held the episode up for
+        escalate_after: the headroom covers that long of growth from then on, not 0.1 s."""
+        c, memory, fd = self.make(efds, grace=0.005, escalate_after=0.3)
+        c.report(fd, 27)
+        memory.set(250 * MiB)  # 27 MiB in about 0.2 s: some 140 MB/s
+        time.sleep(0.2)
+        c.evaluate()
+        assert read_counter(fd) > 0  # 140 MB/s x 0.1 s: 14 MB of headroom, asked at 250
+        before = c.watermarks
+        time.sleep(0.32)
+        c.evaluate()  # nothing showed: judged, distrusted
+        assert c.distrusted() == [fd]
+        c.evaluate()
+        after = c.watermarks
+        assert before is not None and after is not None
+        assert after.high < before.high
+
+    def test_the_margin_narrows_again(self, efds, monkeypatch):
+        """The measured peak halves every half-life: after a burst, back near the limit."""
+        monkeypatch.setattr(policy, "GROWTH_HALF_LIFE", 0.02)
+        c, _, fd = self.make(efds, grace=0.05)
+        c.report(fd, 1000)
+        time.sleep(0.03)
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        time.sleep(0.5)  # 25 half-lives
+        c.evaluate()
+        assert c.watermarks == self.NARROW
+
+    def test_oom_level_pressure_boosts_the_headroom(self, efds):
+        """After an OOM-level event the headroom is the most, whatever the growth."""
+        c, _, _ = self.make(efds)
+        c._boost_headroom()
+        c.evaluate()
+        marks = c.watermarks
+        assert marks is not None and marks.high == Watermarks.for_limit(256 * MiB).high
+
+    def test_bounds_and_fixed_headroom(self, efds):
+        """min_headroom raises the least; an explicit headroom is the fixed rule."""
+        c, _, _ = self.make(efds, min_headroom=16 * MiB)
+        assert c.watermarks is not None and c.watermarks.high == 240 * MiB  # 16 MiB
+        memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
+        c = Controller.create(memory, config=ControllerConfig(headroom=0.125))
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+
+
 class TestDirectEvaluation:
     """A report of new chunks near the watermark is decided on the reporting thread."""
 
     def test_report_asks_synchronously(self, efds):
         """Crossing the high watermark, report() itself signals: no wait for the thread."""
         memory = ScriptedMemory.with_limit(256 * MiB, working_set=10 * MiB)
-        config = {"shortest_poll": 60.0, "longest_poll": 60.0}  # the thread stays asleep
+        # The thread stays asleep; the fixed rule's watermarks (high at 224 MiB).
+        config = {"shortest_poll": 60.0, "longest_poll": 60.0, "headroom": 32 * MiB}
         with private_controller(memory, **config) as (c, _):
             fd = efds()
             c.register(fd, fd, MiB)

@@ -12,10 +12,13 @@ from pyshrinker.policy import (
     Holding,
     MiB,
     Watermarks,
+    adaptive_watermarks,
     bytes_to_free,
     credit_drop,
+    decayed_peak,
     dominant,
     grace,
+    headroom_bounds,
     poll_interval,
     share,
     weight,
@@ -104,6 +107,115 @@ class TestWatermarks:
         marks = Watermarks.for_limit(limit, fraction)
         assert 0 <= marks.low <= marks.high < limit
         assert abs((limit - marks.high) - limit * fraction) <= 1
+
+
+class TestAdaptiveWatermarks:
+    """adaptive_watermarks: headroom and band from the growth and reaction measured (issue 13)."""
+
+    def test_slow_cache_runs_close_to_the_limit(self) -> None:
+        """A cache filling at 70 MB/s whose requests show within 20 ms: 8 MiB under 256 MiB,
+        a 2 MiB band (the fixed rule: 32 MiB under it, a 32 MiB band)."""
+        marks = adaptive_watermarks(256 * MiB, 70e6, 0.02)
+        assert marks == Watermarks(256 * MiB, 248 * MiB, 246 * MiB)
+        fixed = Watermarks.for_limit(256 * MiB)
+        assert marks.high - fixed.high == 24 * MiB
+        assert (marks.high + marks.low) / 2 >= 0.92 * 256 * MiB
+
+    def test_racing_allocator_keeps_the_fixed_margin(self) -> None:
+        """2.4 GB/s for at least 0.1 s is 240 MB: the most the bounds allow, the fixed rule's
+        headroom; the band is what grows in 20 ms, 48 MB, at most the same bound."""
+        for limit in (48 * MiB, 64 * MiB, 256 * MiB):
+            assert adaptive_watermarks(limit, 2.4e9, 0.022) == Watermarks.for_limit(limit)
+        big = adaptive_watermarks(GiB, 2.4e9, 0.022)
+        assert big.high == Watermarks.for_limit(GiB).high
+        assert big.low == big.high - 46 * MiB
+
+    def test_nothing_measured_is_the_least_headroom(self) -> None:
+        """No growth: the least headroom (8 MiB, or 1/64 of a large limit), the least band."""
+        assert adaptive_watermarks(256 * MiB, 0.0, 0.005) == Watermarks(
+            256 * MiB, 248 * MiB, 247 * MiB
+        )
+        assert adaptive_watermarks(GiB, 0.0, 0.005) == Watermarks(
+            GiB, GiB - 16 * MiB, GiB - 20 * MiB
+        )
+
+    def test_headroom_grows_with_rate_and_reaction(self) -> None:
+        """Twice the rate or twice the reaction time: twice the headroom (past the least)."""
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.2).high == 39 * MiB
+        assert GiB - adaptive_watermarks(GiB, 4e8, 0.2).high == 77 * MiB
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.4).high == 77 * MiB
+
+    def test_reaction_is_at_least_min_reaction(self) -> None:
+        """A measured reaction of 1 ms still assumes 0.1 s: 200 MB/s needs 20 MB."""
+        assert GiB - adaptive_watermarks(GiB, 2e8, 0.001).high == 20 * MiB
+
+    def test_boost_is_the_most(self) -> None:
+        """A boost of the limit (OOM-level pressure) gives the most headroom at any rate."""
+        marks = adaptive_watermarks(256 * MiB, 0.0, 0.005, 256 * MiB)
+        assert marks.high == Watermarks.for_limit(256 * MiB).high
+        assert marks.low == marks.high - MiB  # the band still follows the growth: little
+
+    def test_bounds_configurable(self) -> None:
+        """Bounds in bytes or as fractions of the limit; the least never above the most."""
+        marks = adaptive_watermarks(GiB, 0.0, 0.005, min_headroom=64 * MiB)
+        assert marks.high == GiB - 64 * MiB
+        marks = adaptive_watermarks(GiB, 1e12, 0.25, max_headroom=0.05)
+        assert marks.high == GiB - int(GiB * 0.05) // MiB * MiB or marks.high == GiB - int(
+            GiB * 0.05
+        )
+        assert headroom_bounds(GiB, min_headroom=0.2, max_headroom=0.1) == (
+            int(GiB * 0.1),
+            int(GiB * 0.1),
+        )
+        with pytest.raises(ValueError, match="headroom"):
+            headroom_bounds(GiB, min_headroom=0.7)
+        with pytest.raises(ValueError, match="headroom"):
+            headroom_bounds(GiB, max_headroom=0)
+
+    def test_nan_and_infinite_rates_are_the_most(self) -> None:
+        """A rate that is not a number is no reason to run close to the limit."""
+        for rate in (float("nan"), float("inf")):
+            assert adaptive_watermarks(256 * MiB, rate, 0.01) == Watermarks.for_limit(256 * MiB)
+
+    @given(
+        limit=limits,
+        rate=st.floats(0.0, 1e13),
+        reaction=st.floats(0.0, 1.0),
+        boost=st.floats(0.0, 1e12),
+    )
+    def test_properties(self, limit: int, rate: float, reaction: float, boost: float) -> None:
+        """Ordered marks under the limit, the headroom within its bounds, and never nearer the
+        limit than the fixed rule allows at most."""
+        marks = adaptive_watermarks(limit, rate, reaction, boost)
+        least, most = headroom_bounds(limit)
+        assert 0 <= marks.low <= marks.high < limit or limit == 1
+        assert least <= limit - marks.high <= most
+        assert marks.high - marks.low <= most
+        fixed = Watermarks.for_limit(limit)
+        assert marks.high >= fixed.high and marks.low >= fixed.low
+
+    @given(limit=limits, a=st.floats(0.0, 1e12), b=st.floats(0.0, 1e12))
+    def test_monotonic_in_rate(self, limit: int, a: float, b: float) -> None:
+        """Faster growth never moves the watermarks up."""
+        slow, fast = min(a, b), max(a, b)
+        assert (
+            adaptive_watermarks(limit, fast, 0.01).high
+            <= adaptive_watermarks(limit, slow, 0.01).high
+        )
+
+
+class TestDecayedPeak:
+    """decayed_peak: raised at once, halved every half-life."""
+
+    def test_raised_at_once(self) -> None:
+        """A larger sample replaces the peak."""
+        assert decayed_peak(10.0, 50.0, 0.0, 10.0) == 50.0
+
+    def test_halves(self) -> None:
+        """One half-life halves it, two quarter it."""
+        assert decayed_peak(100.0, 0.0, 10.0, 10.0) == pytest.approx(50.0)
+        assert decayed_peak(100.0, 0.0, 20.0, 10.0) == pytest.approx(25.0)
+        assert decayed_peak(100.0, 30.0, 20.0, 10.0) == pytest.approx(30.0)
 
 
 class TestBytesToFree:

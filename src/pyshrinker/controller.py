@@ -25,6 +25,7 @@ import errno
 import fcntl
 import gc
 import logging
+import math
 import os
 import select
 import threading
@@ -81,8 +82,14 @@ class ControllerConfig:
     .. versionadded:: 0.1.0
     """
 
-    #: Bytes (int) or fraction of the limit (float) kept free above the high watermark.
+    #: Bytes (int) or fraction of the limit (float) kept free above the high watermark, fixed
+    #: (``policy.Watermarks.for_limit``). None (the default): the headroom and the hysteresis
+    #: band follow the growth and reaction measured (``policy.adaptive_watermarks``).
     headroom: int | float | None = None
+    #: Bounds of the adaptive headroom, bytes (int) or fractions of the limit (float); None:
+    #: ``policy.headroom_bounds``' defaults (8 MiB or 1/64 of the limit; the fixed rule's).
+    min_headroom: int | float | None = None
+    max_headroom: int | float | None = None
     #: Shortest time (seconds) a request counts as in flight (not asked again) unless its
     #: effect shows sooner. The grace in force is twice the median time recent requests took
     #: to show in the working set, within [grace, escalate_after] (policy.grace).
@@ -222,6 +229,28 @@ class Controller:
     # replaced whole, so a reader never sees it half-changed.
     _threshold_fds: tuple[int, ...] = attrs.field(default=(), alias="threshold_fds")
     _grown_since_read: int = attrs.field(default=0, alias="grown_since_read")
+    # What the adaptive watermarks follow (policy.adaptive_watermarks): peaks of the growth
+    # rate (bytes/s), the rise after a request (bytes), the boost (bytes), the controller
+    # thread's lateness (s) and the time an owner that does not free holds on (s), each decaying
+    # from the time it was last raised; the window a growth rate is measured over (start,
+    # working set then, and the bytes reported since: new chunks, not the re-adds of what a
+    # request could not free).
+    _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
+    _growth_at: float = attrs.field(default=0.0, alias="growth_at")
+    _rise: float = attrs.field(default=0.0, alias="rise")
+    _rise_at: float = attrs.field(default=0.0, alias="rise_at")
+    _boost: float = attrs.field(default=0.0, alias="boost")
+    _boost_at: float = attrs.field(default=0.0, alias="boost_at")
+    _late: float = attrs.field(default=0.0, alias="late")
+    _late_at: float = attrs.field(default=0.0, alias="late_at")
+    #: A round of requests has shown in the working set, and since when growth is measured
+    #: (before both, and policy.TRUST_AFTER: the fixed rule's watermarks).
+    _shown: bool = attrs.field(default=False, alias="shown")
+    _measuring_since: float | None = attrs.field(default=None, alias="measuring_since")
+    _unshown: float = attrs.field(default=0.0, alias="unshown")
+    _unshown_at: float = attrs.field(default=0.0, alias="unshown_at")
+    _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
+    _window_reported: int = attrs.field(default=0, alias="window_reported")
     _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
     #: The process's cgroup membership, when the controller watches the process's own cgroup.
     _membership: Membership | None = attrs.field(default=None, alias="membership")
@@ -491,8 +520,8 @@ class Controller:
                 paid = min(reg.deficit, chunks)
                 reg.deficit -= paid
                 reg.count += chunks - paid
-                if self._in_flight:
-                    self._given_back(key, chunks * reg.chunk_size)
+                back = self._given_back(key, chunks * reg.chunk_size) if self._in_flight else 0
+                self._window_reported += chunks * reg.chunk_size - back
             else:
                 taken = min(reg.count, -chunks)
                 reg.count -= taken
@@ -659,6 +688,16 @@ class Controller:
             if judge_at <= now:
                 if owner not in self._distrusted:
                     log.warning("asking %r did not lower usage: asking the others", owner)
+                    # Such an owner holds an episode up for escalate_after at its first round,
+                    # while the others grow: the headroom covers that long (it may not be the
+                    # last such owner), decaying like the rest.
+                    self._unshown = policy.decayed_peak(
+                        self._unshown,
+                        self.config.escalate_after,
+                        now - self._unshown_at,
+                        policy.GROWTH_HALF_LIFE,
+                    )
+                    self._unshown_at = now
                 self._distrusted.add(owner)
                 continue
             pending.append((judge_at, working_set_then, asked, owner))
@@ -674,9 +713,10 @@ class Controller:
         wait = policy.grace(self._reclaim_times, self.config.grace, self.config.escalate_after)
         return _Round(now, now + wait, self._last_working_set())
 
-    def _given_back(self, key: Hashable, nbytes: int) -> None:
+    def _given_back(self, key: Hashable, nbytes: int) -> int:
         # Called with the lock held: a shrinker asked in a round re-added chunks it could not
-        # free; that much of the round will not show.
+        # free; that much of the round will not show. Returns the bytes counted as given back.
+        total = 0
         for round_ in self._in_flight:
             asked = round_.by_key.get(key, 0)
             if asked <= 0 or nbytes <= 0:
@@ -685,6 +725,8 @@ class Controller:
             round_.by_key[key] = asked - back
             round_.readded += back
             nbytes -= back
+            total += back
+        return total
 
     def current_grace(self) -> float:
         """Seconds a request counts as in flight now (from the reclaim times measured)."""
@@ -770,7 +812,7 @@ class Controller:
         if state.limit is None:
             self._marks = None
             return
-        marks = policy.watermarks(state.limit, state.machine, self.config.headroom)
+        marks = self._marks_for(state)
         if marks == self._marks:
             return
         self._marks = marks
@@ -801,6 +843,103 @@ class Controller:
                     self._epoll.unregister(threshold.fileno())
                 threshold.close()
 
+    def _marks_for(self, state: MemoryState) -> policy.Watermarks:
+        assert state.limit is not None
+        config = self.config
+        if config.headroom is not None or state.machine:
+            # A headroom the user chose; a machine's MemAvailable, which other processes move
+            # without telling us: fixed.
+            return policy.watermarks(state.limit, state.machine, config.headroom)
+        rate, rise, boost = self.growth()
+        with self._lock:
+            since = self._measuring_since
+            measured = (
+                self._shown and since is not None and time.monotonic() - since >= policy.TRUST_AFTER
+            )
+            # The longest of the recent reclaim times, at least the grace, and of the controller
+            # thread's late wake-ups: the headroom must cover what grows while the slowest
+            # request travels (a loaded machine delays the threads that decide and free, and
+            # the ones that allocate run on).
+            slowest = max(self._reclaim_times, default=0.0)
+            now = time.monotonic()
+            half_life = policy.GROWTH_HALF_LIFE
+            late = policy.decayed_peak(self._late, 0.0, now - self._late_at, half_life)
+            unshown = policy.decayed_peak(self._unshown, 0.0, now - self._unshown_at, half_life)
+        reaction = min(max(self.current_grace(), slowest, late, unshown), config.escalate_after)
+        if not measured:
+            # No round has shown yet: how late reclaim shows here is unknown, and who frees
+            # (a client that claims much and frees nothing takes the first asks): the first
+            # episode runs on the fixed rule's watermarks, as if memory raced.
+            rate = math.inf
+        return policy.adaptive_watermarks(
+            state.limit,
+            rate,
+            reaction,
+            rise,
+            boost,
+            # After an owner was distrusted, episodes long enough to keep it so: trust comes
+            # back when one ends (under the low watermark), and a narrow band ends them fast.
+            band_seconds=max(policy.BAND_SECONDS, unshown),
+            min_headroom=config.min_headroom,
+            max_headroom=config.max_headroom,
+        )
+
+    def growth(self) -> tuple[float, float, float]:
+        """What the adaptive watermarks follow now: the growth rate (bytes/s), the rise after
+        a request before it showed (bytes) and the boost (bytes)."""
+        now = time.monotonic()
+        half_life = policy.GROWTH_HALF_LIFE
+        rate = policy.decayed_peak(self._growth_rate, 0.0, now - self._growth_at, half_life)
+        rise = policy.decayed_peak(self._rise, 0.0, now - self._rise_at, half_life)
+        boost = policy.decayed_peak(self._boost, 0.0, now - self._boost_at, half_life)
+        return rate, rise, boost
+
+    def _measure_growth(self, read_at: float, working_set: int) -> None:
+        """Raise the growth rate's peak by a reading (called with the evaluation lock).
+
+        Growth is the larger of the bytes reported as new chunks and the working set's own
+        rise, over a window of at least ``policy.RATE_WINDOW``: reports tell of a cache's
+        growth even while it is being shrunk, the working set of memory nobody reports.
+        """
+        with self._lock:
+            reported = self._window_reported
+            window = self._window
+            if window is not None and read_at - window[0] < policy.RATE_WINDOW:
+                return
+            self._window_reported = 0
+        self._window = (read_at, working_set)
+        if window is None:
+            if self._measuring_since is None:
+                self._measuring_since = read_at
+            return
+        started, working_set_then = window
+        sample = max(reported, working_set - working_set_then, 0) / (read_at - started)
+        self._growth_rate = policy.decayed_peak(
+            self._growth_rate, sample, read_at - self._growth_at, policy.GROWTH_HALF_LIFE
+        )
+        self._growth_at = read_at
+
+    def _measure_lateness(self, late: float) -> None:
+        # A timed wake-up that came late: the machine kept this thread off its CPU (or the GIL
+        # from it) that long, and a request decided on it waits as long while memory grows.
+        if late <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:  # read by whichever thread evaluates
+            self._late = policy.decayed_peak(
+                self._late, late, now - self._late_at, policy.GROWTH_HALF_LIFE
+            )
+            self._late_at = now
+
+    def _boost_headroom(self) -> None:
+        # OOM-level pressure: the margin was too narrow, whatever was measured. Like the
+        # kernel's watermark boost: at its most now, decaying as memory grows slowly again.
+        if self._last_state is None or self._last_state.limit is None:
+            return
+        now = time.monotonic()
+        self._boost = float(self._last_state.limit)
+        self._boost_at = now
+
     def _last_working_set(self) -> int:
         # The reading a request is decided on (evaluate reads first); 0 before any reading.
         return self._last_state.working_set if self._last_state is not None else 0
@@ -819,11 +958,22 @@ class Controller:
         remaining = dict(zip(map(id, judged), left, strict=True))
         keep: list[_Round] = []
         total = 0
+        # Rounds decided at the high watermark or above (not explicit requests, far below).
+        high = self._marks.high if self._marks is not None else None
+        rises = [working_set - r.base for r in judged if high is not None and r.base >= high]
+        rise = max(rises, default=0)
+        if rise > 0:
+            # Memory grew after a request, before it showed: the headroom must cover that.
+            self._rise = policy.decayed_peak(
+                self._rise, rise, read_at - self._rise_at, policy.GROWTH_HALF_LIFE
+            )
+            self._rise_at = read_at
         for round_ in self._in_flight:
             out = remaining.get(id(round_), round_.outstanding)
             judged_now = id(round_) in remaining
             if judged_now and out * 10 <= round_.asked:
                 self._reclaim_times.append(read_at - round_.sent_at)
+                self._shown = True
                 continue
             if round_.deadline <= read_at:
                 # Unshown within its grace: the grace was too short for this client.
@@ -851,15 +1001,18 @@ class Controller:
         state = self.memory.read()
         self._grown_since_read = 0
         self._last_state = state
+        self._measure_growth(read_at, state.working_set)
+        now = time.monotonic()
+        with self._lock:
+            # Before the watermarks: the reclaim times and rise this reading shows count.
+            in_flight = self._in_flight_bytes(read_at, state.working_set)
+            self._judge_rounds(now, state.working_set)
         self._rewatermark(state)
         marks = self._marks
         if marks is None:
             return state
-        now = time.monotonic()
-        with self._lock:
-            in_flight = self._in_flight_bytes(read_at, state.working_set)
-            self._judge_rounds(now, state.working_set)
-            if state.working_set < marks.low:
+        if state.working_set < marks.low:
+            with self._lock:
                 self._distrusted.clear()
         if state.working_set < marks.high:
             self._above_since = None
@@ -930,10 +1083,14 @@ class Controller:
     def _run(self) -> None:
         assert self._epoll is not None
         while not self._stopping:
+            timeout = self._timeout()
+            started = time.monotonic()
             try:
-                events = self._epoll.poll(self._timeout())
+                events = self._epoll.poll(timeout)
             except InterruptedError:
                 continue
+            if not events and timeout >= 0:
+                self._measure_lateness(time.monotonic() - started - timeout)
             if self._stopping:
                 break
             try:
@@ -969,6 +1126,8 @@ class Controller:
                 level = max(level or Level.LOW, _level_of(notifier))
         if level is not None:
             self.notify_level(level)
+            if level >= Level.OOM:
+                self._boost_headroom()
         try:
             self._evaluate(reason)
         except CgroupNotFound as err:
@@ -1006,6 +1165,7 @@ class Controller:
         self._thresholds.clear()
         self._marks = None
         self._last_state = None
+        self._window = None  # the new group's working set is no growth of the old one's
         old = self.memory
         self.memory = None
         if old is not None:
