@@ -15,25 +15,22 @@ is none.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from .upstream.sources import sdist
+
 pytestmark = pytest.mark.upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = ROOT / "tests" / "upstream"
-CACHE = Path(os.environ.get("PYSHRINKER_UPSTREAM_CACHE", ROOT / ".cache" / "upstream"))
 
 DJANGO_VERSION = "5.2.19"
 CACHELIB_VERSION = "0.17.0"
@@ -52,40 +49,6 @@ def require_installed(distribution: str, version: str) -> None:
         pytest.fail(f"{distribution} is not installed: pip install -e '.[test]'")
     if found != version:
         pytest.fail(f"{distribution} {found} is installed; its tests are pinned to {version}")
-
-
-def sdist(distribution: str, version: str) -> Path:
-    """The unpacked sdist of ``distribution==version`` under CACHE (downloaded once)."""
-    target = CACHE / f"{distribution.lower()}-{version}"
-    if (target / "PKG-INFO").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    pattern = str(CACHE / f"{distribution.lower()}-{version}.tar.gz")
-    if not glob.glob(pattern):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--dest",
-                str(CACHE),
-                f"{distribution}=={version}",
-            ],
-            check=True,
-        )
-    (archive,) = glob.glob(pattern)
-    # Unpacked beside the target, then renamed: a half-unpacked tree is never taken for one.
-    with tempfile.TemporaryDirectory(dir=CACHE) as scratch, tarfile.open(archive) as tar:
-        tar.extractall(scratch, filter="data")
-        if target.exists():  # a tree left half-made by an older run: replaced
-            shutil.rmtree(target)
-        os.replace(os.path.join(scratch, target.name), target)
-    return target
 
 
 def environment() -> dict[str, str]:

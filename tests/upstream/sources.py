@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 #: The cachetools release whose test suite runs against our caches (pyproject's test extra
 #: pins the same: 8.x needs Python 3.11).
 CACHETOOLS_VERSION = "8.0.2" if sys.version_info >= (3, 11) else "7.3.3"
-#: Where the sdists are kept: the repository's .cache/upstream (not committed).
-CACHE = Path(__file__).resolve().parents[2] / ".cache" / "upstream"
+#: Where the sdists are kept: the repository's .cache/upstream (not committed), or
+#: $PYSHRINKER_UPSTREAM_CACHE.
+CACHE = Path(
+    os.environ.get(
+        "PYSHRINKER_UPSTREAM_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "upstream"
+    )
+)
 #: The name the cachetools tests package is imported under (theirs is "tests", as ours).
 CACHETOOLS_TESTS = "cachetools_upstream_tests"
 
@@ -36,45 +44,41 @@ class UpstreamMissing(RuntimeError):
     """An upstream suite cannot be had: the message says what to install."""
 
 
-def cachetools_tests_dir() -> Path:
-    """The sdist's tests/ directory, fetched and unpacked if not there yet."""
-    root = CACHE / f"cachetools-{CACHETOOLS_VERSION}"
-    tests = root / "tests"
-    if (tests / "__init__.py").is_file():
-        return tests
+def sdist(distribution: str, version: str) -> Path:
+    """The unpacked sdist of ``distribution==version`` under :data:`CACHE` (downloaded once)."""
+    target = CACHE / f"{distribution.lower()}-{version}"
+    if (target / "PKG-INFO").is_file():
+        return target
     CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / f"cachetools-{CACHETOOLS_VERSION}.tar.gz"
-    if not sdist.is_file():
+    archive = CACHE / f"{distribution.lower()}-{version}.tar.gz"
+    if not archive.is_file():
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                f"cachetools=={CACHETOOLS_VERSION}",
-                "-d",
-                str(CACHE),
-            ],
+            [*pip, "--dest", str(CACHE), f"{distribution}=={version}"],
             capture_output=True,
             text=True,
             check=False,
         )
-        if done.returncode != 0 or not sdist.is_file():
+        if done.returncode != 0 or not archive.is_file():
             raise UpstreamMissing(
-                f"cannot download the cachetools {CACHETOOLS_VERSION} sdist into {CACHE}: "
+                f"cannot download the {distribution} {version} sdist into {CACHE}: "
                 f"{done.stderr.strip()[-500:]}"
             )
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(f"{root.name}/tests/")]
+    # Unpacked beside the target, then renamed: a half-unpacked tree is never taken for one.
+    with tempfile.TemporaryDirectory(dir=CACHE) as scratch, tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):  # 3.10.12+, 3.11.4+
-            tar.extractall(CACHE, members=members, filter="data")
+            tar.extractall(scratch, filter="data")
         else:
-            tar.extractall(CACHE, members=members)
-    return tests
+            tar.extractall(scratch)
+        if target.exists():  # a tree left half-made by an older run: replaced
+            shutil.rmtree(target)
+        os.replace(os.path.join(scratch, target.name), target)
+    return target
+
+
+def cachetools_tests_dir() -> Path:
+    """The cachetools sdist's tests/ directory, fetched and unpacked if not there yet."""
+    return sdist("cachetools", CACHETOOLS_VERSION) / "tests"
 
 
 def load_cachetools_tests(*modules: str) -> list[ModuleType]:
