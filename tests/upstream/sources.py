@@ -52,9 +52,11 @@ def sdist(distribution: str, version: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     archive = CACHE / f"{distribution.lower()}-{version}.tar.gz"
     if not archive.is_file():
-        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        # --no-binary for this distribution only: ":all:" would also build its build
+        # dependencies (setuptools...) from source, for minutes.
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
         done = subprocess.run(
-            [*pip, "--dest", str(CACHE), f"{distribution}=={version}"],
+            [*pip, "--no-binary", distribution, "--dest", str(CACHE), f"{distribution}=={version}"],
             capture_output=True,
             text=True,
             check=False,
