@@ -53,7 +53,8 @@ tar -C / -cf "$scratch/fast.tar" \
     --exclude="${stdlib#/}/lib2to3" --exclude="${stdlib#/}/ensurepip" \
     --exclude="${stdlib#/}/config-*" --exclude="${stdlib#/}/turtledemo" \
     --exclude=.git --exclude=docs/_build --exclude=.mypy_cache --exclude=.ruff_cache \
-    --exclude=.hypothesis --exclude='.venv/lib/python*/site-packages/'{numpy,matplotlib,mypy,sphinx,babel,fontTools,PIL,pillow,pip,setuptools,docutils,contourpy,kiwisolver,ruff}'*' \
+    --exclude=.hypothesis --exclude="${root#/}/.venvs" --exclude="${root#/}/build" \
+    --exclude="${root#/}/.cache" --exclude='.venv/lib/python*/site-packages/'{numpy,matplotlib,mypy,sphinx,babel,fontTools,PIL,pillow,pip,setuptools,docutils,contourpy,kiwisolver,ruff,django}'*' \
     --exclude='.venv/lib/python*/site-packages/*mypyc*' \
     "${stdlib#/}" "${root#/}"
 
@@ -63,9 +64,11 @@ tar -C / -cf "$scratch/fast.tar" \
     echo "cd $(printf '%q' "$root")"
     echo 'modprobe fuse 2>/dev/null || true'
     echo 'mkdir -p /run/pyshrinker-fast && mount -t tmpfs -o size=1G fast /run/pyshrinker-fast'
-    echo "tar -C /run/pyshrinker-fast -xf $(printf '%q' "$scratch/fast.tar")"
+    # A copy that does not fit (or any other failure here) ends the guest before the tests: a
+    # half-unpacked tree laid over the real one would run truncated modules.
+    echo "tar -C /run/pyshrinker-fast -xf $(printf '%q' "$scratch/fast.tar") || exit 1"
     for dir in "$stdlib" "$root"; do
-        printf 'mount -t overlay overlay -o lowerdir=%q %q\n' "/run/pyshrinker-fast$dir:$dir" "$dir"
+        printf 'mount -t overlay overlay -o lowerdir=%q %q || exit 1\n' "/run/pyshrinker-fast$dir:$dir" "$dir"
     done
     echo 'echo +memory > /sys/fs/cgroup/cgroup.subtree_control'
     echo 'export PYSHRINKER_VM=1 PYSHRINKER_STAGE=guest PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1'
@@ -90,7 +93,11 @@ if [[ ! -s $scratch/status ]]; then
     echo "vm-test: the guest did not finish its tests (vng exit status $status: no boot, or timed out)" >&2
     exit 1
 fi
-if [[ -n ${PYSHRINKER_OUTCOMES:-} && -s $scratch/outcomes.json ]]; then
+if [[ ! -s $scratch/outcomes.json ]]; then
+    echo "vm-test: the guest's pytest wrote no outcomes (it did not run the tests)" >&2
+    exit 1
+fi
+if [[ -n ${PYSHRINKER_OUTCOMES:-} ]]; then
     cp "$scratch/outcomes.json" "$PYSHRINKER_OUTCOMES"
 fi
 exit "$(cat "$scratch/status")"
