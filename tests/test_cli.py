@@ -200,11 +200,14 @@ class TestWatch:
 
     def test_ctrl_c_exits_130(self):
         """SIGINT (Ctrl-C) stops it with status 130 and no traceback."""
+        # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored
+        # SIGINT ignored: give the child the default disposition, as a terminal's would have.
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyshrinker", "watch", "--interval", "0.1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             assert proc.stdout is not None
