@@ -156,6 +156,10 @@ def check_coverage(
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
+            if data["stage"] in stages:
+                # Two files of one stage would hide one of them (this one's own outcomes too).
+                problems.append(f"outcomes of stage {data['stage']!r} twice (again in {path})")
+                continue
             stages[data["stage"]] = data["tests"]
         except (OSError, ValueError, KeyError) as err:
             problems.append(f"no outcomes from another stage in {path}: {err}")

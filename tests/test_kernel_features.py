@@ -56,3 +56,10 @@ class TestCheckCoverage:
         here = {"t.py::a": {"outcome": "passed", "features": []}}
         problems, _ = check_coverage("host", here, [str(tmp_path / "absent.json")])
         assert len(problems) == 1 and "no outcomes from another stage" in problems[0]
+
+    def test_a_stage_named_twice(self, tmp_path: Path) -> None:
+        """Another file claiming this stage's name must not replace this stage's outcomes."""
+        here = {"t.py::a": {"outcome": "passed", "features": []}}
+        other = write_stage(tmp_path / "g.json", "host", {"t.py::a": ("not run", [])})
+        problems, _ = check_coverage("host", here, [other])
+        assert problems == [f"outcomes of stage 'host' twice (again in {other})"]
