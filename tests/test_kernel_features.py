@@ -63,3 +63,10 @@ class TestCheckCoverage:
         other = write_stage(tmp_path / "g.json", "host", {"t.py::a": ("not run", [])})
         problems, _ = check_coverage("host", here, [other])
         assert problems == [f"outcomes of stage 'host' twice (again in {other})"]
+
+    def test_an_expected_failure_counts_as_run(self, tmp_path: Path) -> None:
+        """An xfail (an upstream test for an intended difference) is not a test no stage ran."""
+        here = {"t.py::x": {"outcome": "xfailed", "features": []}}
+        other = write_stage(tmp_path / "g.json", "debug", {"t.py::x": ("skipped", [])})
+        problems, _ = check_coverage("host", here, [other])
+        assert problems == []
