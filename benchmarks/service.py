@@ -126,7 +126,7 @@ def trace(controller: Any, cache: Any) -> None:
             f"asked {sum(r.chunks for r in controller.history()) * 4096 / MiB:.0f} MiB "
             f"in flight {sum(r.outstanding for r in controller._in_flight) / MiB:.1f} MiB "
             f"freed {cache.stats().evicted_on_request} entries "
-            f"late {controller._late * 1000:.0f} ms",
+            f"late {controller._late.at(time.monotonic()) * 1000:.0f} ms",
             file=sys.stderr,
             flush=True,
         )

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from pyshrinker import policy
 from pyshrinker.policy import (
     DISTRUSTED_WEIGHT,
     MIN_HEADROOM,
@@ -538,3 +539,18 @@ class TestInFlight:
         assert grace([0.009, 0.011, 0.013], 0.005, 0.25) == pytest.approx(0.022)
         assert grace([0.001, 0.002], 0.005, 0.25) == 0.005
         assert grace([0.5, 0.6, 0.7], 0.005, 0.25) == 0.25
+
+
+class TestDecayingPeak:
+    """The peaks the adaptive watermarks follow: raised by samples, halving every half-life."""
+
+    def test_raise_decay_and_set(self) -> None:
+        peak = policy.DecayingPeak()
+        assert peak.at(100.0) == 0.0
+        peak.raise_to(8.0, 10.0)
+        assert peak.at(10.0) == 8.0
+        assert peak.at(10.0 + policy.GROWTH_HALF_LIFE) == pytest.approx(4.0)
+        peak.raise_to(1.0, 10.0 + policy.GROWTH_HALF_LIFE)  # below the decayed peak: kept
+        assert peak.at(10.0 + 2 * policy.GROWTH_HALF_LIFE) == pytest.approx(2.0)
+        peak.set(0.5, 50.0)  # whatever it was
+        assert peak.at(50.0) == 0.5

@@ -235,20 +235,17 @@ class Controller:
     # from the time it was last raised; the window a growth rate is measured over (start,
     # working set then, and the bytes reported since: new chunks, not the re-adds of what a
     # request could not free).
-    _growth_rate: float = attrs.field(default=0.0, alias="growth_rate")
-    _growth_at: float = attrs.field(default=0.0, alias="growth_at")
-    _rise: float = attrs.field(default=0.0, alias="rise")
-    _rise_at: float = attrs.field(default=0.0, alias="rise_at")
-    _boost: float = attrs.field(default=0.0, alias="boost")
-    _boost_at: float = attrs.field(default=0.0, alias="boost_at")
-    _late: float = attrs.field(default=0.0, alias="late")
-    _late_at: float = attrs.field(default=0.0, alias="late_at")
+    _growth_rate: policy.DecayingPeak = attrs.field(
+        factory=policy.DecayingPeak, alias="growth_rate"
+    )
+    _rise: policy.DecayingPeak = attrs.field(factory=policy.DecayingPeak, alias="rise")
+    _boost: policy.DecayingPeak = attrs.field(factory=policy.DecayingPeak, alias="boost")
+    _late: policy.DecayingPeak = attrs.field(factory=policy.DecayingPeak, alias="late")
     #: A round of requests has shown in the working set, and since when growth is measured
     #: (before both, and policy.TRUST_AFTER: the fixed rule's watermarks).
     _shown: bool = attrs.field(default=False, alias="shown")
     _measuring_since: float | None = attrs.field(default=None, alias="measuring_since")
-    _unshown: float = attrs.field(default=0.0, alias="unshown")
-    _unshown_at: float = attrs.field(default=0.0, alias="unshown_at")
+    _unshown: policy.DecayingPeak = attrs.field(factory=policy.DecayingPeak, alias="unshown")
     _window: tuple[float, int] | None = attrs.field(default=None, alias="window")
     _window_reported: int = attrs.field(default=0, alias="window_reported")
     _by_fd: dict[int, Notifier] = attrs.field(factory=dict, alias="by_fd")
@@ -691,13 +688,7 @@ class Controller:
                     # Such an owner holds an episode up for escalate_after at its first round,
                     # while the others grow: the headroom covers that long (it may not be the
                     # last such owner), decaying like the rest.
-                    self._unshown = policy.decayed_peak(
-                        self._unshown,
-                        self.config.escalate_after,
-                        now - self._unshown_at,
-                        policy.GROWTH_HALF_LIFE,
-                    )
-                    self._unshown_at = now
+                    self._unshown.raise_to(self.config.escalate_after, now)
                 self._distrusted.add(owner)
                 continue
             pending.append((judge_at, working_set_then, asked, owner))
@@ -862,9 +853,8 @@ class Controller:
             # the ones that allocate run on).
             slowest = max(self._reclaim_times, default=0.0)
             now = time.monotonic()
-            half_life = policy.GROWTH_HALF_LIFE
-            late = policy.decayed_peak(self._late, 0.0, now - self._late_at, half_life)
-            unshown = policy.decayed_peak(self._unshown, 0.0, now - self._unshown_at, half_life)
+            late = self._late.at(now)
+            unshown = self._unshown.at(now)
         reaction = min(max(self.current_grace(), slowest, late, unshown), config.escalate_after)
         if not measured:
             # No round has shown yet: how late reclaim shows here is unknown, and who frees
@@ -888,11 +878,7 @@ class Controller:
         """What the adaptive watermarks follow now: the growth rate (bytes/s), the rise after
         a request before it showed (bytes) and the boost (bytes)."""
         now = time.monotonic()
-        half_life = policy.GROWTH_HALF_LIFE
-        rate = policy.decayed_peak(self._growth_rate, 0.0, now - self._growth_at, half_life)
-        rise = policy.decayed_peak(self._rise, 0.0, now - self._rise_at, half_life)
-        boost = policy.decayed_peak(self._boost, 0.0, now - self._boost_at, half_life)
-        return rate, rise, boost
+        return self._growth_rate.at(now), self._rise.at(now), self._boost.at(now)
 
     def _measure_growth(self, read_at: float, working_set: int) -> None:
         """Raise the growth rate's peak by a reading (called with the evaluation lock).
@@ -914,10 +900,7 @@ class Controller:
             return
         started, working_set_then = window
         sample = max(reported, working_set - working_set_then, 0) / (read_at - started)
-        self._growth_rate = policy.decayed_peak(
-            self._growth_rate, sample, read_at - self._growth_at, policy.GROWTH_HALF_LIFE
-        )
-        self._growth_at = read_at
+        self._growth_rate.raise_to(sample, read_at)
 
     def _measure_lateness(self, late: float) -> None:
         # A timed wake-up that came late: the machine kept this thread off its CPU (or the GIL
@@ -926,19 +909,14 @@ class Controller:
             return
         now = time.monotonic()
         with self._lock:  # read by whichever thread evaluates
-            self._late = policy.decayed_peak(
-                self._late, late, now - self._late_at, policy.GROWTH_HALF_LIFE
-            )
-            self._late_at = now
+            self._late.raise_to(late, now)
 
     def _boost_headroom(self) -> None:
         # OOM-level pressure: the margin was too narrow, whatever was measured. Like the
         # kernel's watermark boost: at its most now, decaying as memory grows slowly again.
         if self._last_state is None or self._last_state.limit is None:
             return
-        now = time.monotonic()
-        self._boost = float(self._last_state.limit)
-        self._boost_at = now
+        self._boost.set(float(self._last_state.limit), time.monotonic())
 
     def _last_working_set(self) -> int:
         # The reading a request is decided on (evaluate reads first); 0 before any reading.
@@ -964,10 +942,7 @@ class Controller:
         rise = max(rises, default=0)
         if rise > 0:
             # Memory grew after a request, before it showed: the headroom must cover that.
-            self._rise = policy.decayed_peak(
-                self._rise, rise, read_at - self._rise_at, policy.GROWTH_HALF_LIFE
-            )
-            self._rise_at = read_at
+            self._rise.raise_to(rise, read_at)
         for round_ in self._in_flight:
             out = remaining.get(id(round_), round_.outstanding)
             judged_now = id(round_) in remaining

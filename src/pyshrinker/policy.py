@@ -234,6 +234,31 @@ def decayed_peak(previous: float, sample: float, elapsed: float, half_life: floa
     return max(kept, sample, 0.0)
 
 
+class DecayingPeak:
+    """A measurement kept as its peak, halving every :data:`GROWTH_HALF_LIFE` since it was last
+    raised (:func:`decayed_peak`): the growth rate, the rise, the boost, the lateness..."""
+
+    __slots__ = ("_at", "_peak")
+
+    def __init__(self) -> None:
+        self._peak = 0.0
+        self._at = 0.0
+
+    def raise_to(self, sample: float, now: float) -> None:
+        """Take ``sample`` at time ``now`` (seconds), if it is above the decayed peak."""
+        self._peak = decayed_peak(self._peak, sample, now - self._at, GROWTH_HALF_LIFE)
+        self._at = now
+
+    def set(self, value: float, now: float) -> None:
+        """Make ``value`` the peak at time ``now``, whatever it was."""
+        self._peak = value
+        self._at = now
+
+    def at(self, now: float) -> float:
+        """The peak, decayed to time ``now``."""
+        return decayed_peak(self._peak, 0.0, now - self._at, GROWTH_HALF_LIFE)
+
+
 def watermarks(limit: int, machine: bool, headroom: int | float | None = None) -> Watermarks:
     """The watermarks for a reading: a cgroup's (or budget's) limit, or a whole machine's."""
     if machine:
