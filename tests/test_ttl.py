@@ -194,6 +194,65 @@ class TestThreads:
         assert count(ctl, cache) == cache.chunks
 
 
+class GoesWhenLookedUp:
+    """A key that, on its ``n``-th hash, deletes its own entry: the window between get()'s
+    check and its fetch, where another thread (or a request) drops the entry, made certain."""
+
+    def __init__(self, cache: Any, n: int) -> None:
+        self.cache = cache
+        self.calls = 0
+        self.n = n
+
+    def __hash__(self) -> int:
+        self.calls += 1
+        if self.calls == self.n:
+            LRUCore.pop(self.cache, self, None)
+        return 7
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class TestRaces:
+    def test_get_of_an_entry_dropped_after_the_check(self, timed):
+        """get() of an entry that goes between 'in' and the fetch gives the default, no KeyError."""
+        cache, _clock = timed()
+        key = GoesWhenLookedUp(cache, n=0)
+        cache[key] = 1
+        # Hashes in get(): one for the 'in' check (the times), the next for the core's fetch.
+        key.calls, key.n = 0, 2
+        assert cache.get(key, "gone") == "gone"
+        assert key.calls >= 2
+
+    def test_frozen_time_is_each_threads_own(self, timed):
+        """One thread inside an operation (time frozen) does not freeze another's clock."""
+        cache, clock = timed()
+        timer = cache.timer
+        inside, done = threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def operation() -> None:
+            with timer as now:
+                seen.append(now)
+                inside.set()
+                done.wait(10)
+
+        thread = threading.Thread(target=operation)
+        thread.start()
+        try:
+            assert inside.wait(10)
+            clock.now = 42
+            assert timer() == 42  # this thread's clock runs
+            with timer as now:
+                clock.now = 43
+                assert now == 42 and timer() == 42  # and freezes for this thread alone
+            assert timer() == 43
+        finally:
+            done.set()
+            thread.join()
+        assert seen == [0]
+
+
 class TestViews:
     def test_expired_not_shown(self, timed):
         """items(), values() and keys() leave out expired entries not yet dropped, as iter."""

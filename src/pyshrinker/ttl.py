@@ -20,6 +20,7 @@ import collections
 import copy
 import heapq
 import itertools
+import threading
 import time as _time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -37,24 +38,31 @@ _MARKER: Any = object()
 
 
 class _Timer(Generic[T]):
-    """cachetools' timer wrapper: ``with timer as now`` freezes ``timer()`` for one operation."""
+    """cachetools' timer wrapper: ``with timer as now`` freezes ``timer()`` for one operation.
+
+    The frozen time is each thread's own: the caches are shared between threads (and a shrink
+    request runs on the listener's), and one thread's operation must neither freeze the clock
+    for another nor lose a nesting count to an interleaved ``+= 1``.
+    """
 
     def __init__(self, timer: Callable[[], T]) -> None:
         self._timer = timer
-        self._nesting = 0
-        self._time: Any = None
+        self._local = threading.local()
 
     def __call__(self) -> T:
-        return self._timer() if self._nesting == 0 else self._time
+        local = self._local
+        return local.time if getattr(local, "nesting", 0) else self._timer()
 
     def __enter__(self) -> T:
-        if self._nesting == 0:
-            self._time = self._timer()
-        self._nesting += 1
-        return self._time  # type: ignore[no-any-return]
+        local = self._local
+        nesting = getattr(local, "nesting", 0)
+        if nesting == 0:
+            local.time = self._timer()
+        local.nesting = nesting + 1
+        return local.time  # type: ignore[no-any-return]
 
     def __exit__(self, *exc: object) -> None:
-        self._nesting -= 1
+        self._local.nesting -= 1
 
     def __copy__(self) -> _Timer[T]:
         return _Timer(self._timer)
@@ -67,7 +75,7 @@ class _Timer(Generic[T]):
 
     def __getattr__(self, name: str) -> Any:
         # The user's timer's own attributes (a test timer's tick(), say).
-        if name.startswith("__") or name in ("_timer", "_nesting", "_time"):
+        if name.startswith("__") or name in ("_timer", "_local"):
             raise AttributeError(name)
         return getattr(self._timer, name)
 
@@ -174,9 +182,17 @@ class _Timed(ShrinkableLRU[K, V]):
                     yield key
 
     def get(self, key: K, default: Any = None) -> Any:
-        with self._timer:
-            # As cachetools' Cache.get: [] (not get()), so a subclass's __missing__ is not called.
-            return self[key] if key in self else default  # noqa: SIM401
+        if type(self).__getitem__ is not _Timed.__getitem__:
+            # As cachetools' Cache.get: a subclass's own [] is what get() asks.
+            with self._timer:
+                return self[key] if key in self else default  # noqa: SIM401
+        expires = self._expires.get(key, _MARKER)
+        if expires is _MARKER or not (self._timer() < expires):
+            return default
+        # One lookup in the core, not 'in' and then []: another thread (or the listener, for a
+        # request) may drop the entry in between, before its time goes, and then it is missing.
+        # (Nor is __missing__ called, as in cachetools.)
+        return LRUCore.get(self, key, default)
 
     def pop(self, key: K, default: Any = _MARKER) -> Any:
         with self._report_lock, self._timer:
