@@ -584,6 +584,34 @@ class TestAdaptiveWatermarks:
         c.evaluate()
         assert c.watermarks == self.NARROW
 
+    def test_many_processes_on_few_cpus_widen_the_margin(self, efds, monkeypatch):
+        """8 processes' shrinkers on 2 CPUs: the headroom covers 0.4 s of growth (least_reaction),
+        not the 0.1 s one process is given; with 2 processes, the narrow watermarks stay."""
+        import pyshrinker.controller as controller_module
+
+        monkeypatch.setattr(controller_module, "_cpus", lambda: 2)
+        c, memory, fd = self.make(efds)
+        for ws in range(193, 213):  # 100 MB/s, as in test_slow_growth_runs_close_to_the_limit
+            time.sleep(0.01)
+            memory.set(ws * MiB)
+            c.report(fd, 1)
+            c.evaluate()
+        one = c.watermarks
+        assert one is not None and one.high >= 246 * MiB
+        others = [efds() for _ in range(7)]
+        for pid, other in enumerate(others[:1], start=1000):
+            c.register((pid, other), other, MiB)
+        c.evaluate()
+        assert c.watermarks == one  # 2 processes on 2 CPUs
+        for pid, other in enumerate(others[1:], start=2000):
+            c.register((pid, other), other, MiB)
+        c.evaluate()
+        marks = c.watermarks
+        assert marks is not None
+        # 100 MB/s x 0.4 s: 40 MB of headroom, beyond the most (32 MiB: the fixed rule's); at
+        # least 24 MiB even if the sleeps ran late and measured less growth.
+        assert marks.high <= 232 * MiB
+
     def test_oom_level_pressure_boosts_the_headroom(self, efds):
         """After an OOM-level event the headroom is the most, whatever the growth."""
         c, _, _ = self.make(efds)

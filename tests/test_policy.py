@@ -554,3 +554,17 @@ class TestDecayingPeak:
         assert peak.at(10.0 + 2 * policy.GROWTH_HALF_LIFE) == pytest.approx(2.0)
         peak.set(0.5, 50.0)  # whatever it was
         assert peak.at(50.0) == 0.5
+
+
+class TestLeastReaction:
+    """Several processes asked at once on few CPUs: the reaction assumed grows with them."""
+
+    @pytest.mark.parametrize(
+        ("processes", "cpus", "expected"),
+        [(1, 2, 0.1), (2, 2, 0.1), (3, 2, 0.2), (4, 2, 0.2), (8, 2, 0.4), (8, 8, 0.1), (9, 1, 0.9)],
+    )
+    def test_one_minimum_per_cpu_of_processes(self, processes, cpus, expected):
+        assert policy.least_reaction(processes, cpus) == pytest.approx(expected)
+
+    def test_no_cpus_is_one(self):
+        assert policy.least_reaction(3, 0) == pytest.approx(0.3)

@@ -72,6 +72,15 @@ from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 log = logging.getLogger(__name__)
 
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask; a container's CPU quota aside)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        return max(1, os.cpu_count() or 1)
+
+
 _C = TypeVar("_C", bound="Controller")
 
 
@@ -856,6 +865,9 @@ class Controller:
             late = self._late.at(now)
             unshown = self._unshown.at(now)
         reaction = min(max(self.current_grace(), slowest, late, unshown), config.escalate_after)
+        # Several processes asked at once free one after another on a few CPUs (a floor, not a
+        # measurement: not capped by escalate_after).
+        reaction = max(reaction, policy.least_reaction(self._processes(), _cpus()))
         if not measured:
             # No round has shown yet: how late reclaim shows here is unknown, and who frees
             # (a client that claims much and frees nothing takes the first asks): the first
@@ -873,6 +885,13 @@ class Controller:
             min_headroom=config.min_headroom,
             max_headroom=config.max_headroom,
         )
+
+    def _processes(self) -> int:
+        """Processes whose shrinkers are registered here (this one counts if it has any)."""
+        with self._lock:
+            keys = list(self._shrinkers)
+        others = {self._owner(key) for key in keys if isinstance(key, tuple)}
+        return len(others) + any(not isinstance(key, tuple) for key in keys)
 
     def growth(self) -> tuple[float, float, float]:
         """What the adaptive watermarks follow now: the growth rate (bytes/s), the rise after
