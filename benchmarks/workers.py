@@ -26,9 +26,9 @@ end of the load:
   episode (the group's working set at or above the high watermark, from the moment it gets there
   until it is below it again), the highest working set seen in it less the low watermark; summed
   over the episodes. A monitor outside the group finds them: a usage threshold eventfd at the
-  high watermark wakes it at each crossing, and it reads the group every 5 ms besides. The
-  watermarks are those the controller computes for the limit (``policy.watermarks``). Target: at
-  most 1.1.
+  fixed rule's high watermark wakes it, and it reads the group every 5 ms besides. The
+  watermarks are those the controllers in the group use at the time, as the workers that run
+  one write them (see :class:`Monitor`): the adaptive watermarks move. Target: at most 1.1.
 * ``share_error``: whether each worker (each cache, in the baseline) was asked in proportion to
   its holdings / cost. The workers sample their holdings and the chunks asked of them
   (``Shrinker.stats().chunks_requested``) every 20 ms. In each 50 ms interval the bytes asked
@@ -181,6 +181,23 @@ class Holder:
     def _sample_loop(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY):
             self._sample()
+            self._write_marks()
+
+    def _write_marks(self) -> None:
+        """Where this process runs a controller: its watermarks now, for the Monitor (the
+        adaptive ones move with what it measures)."""
+        from pyshrinker import default_controller
+
+        path = os.path.join(self.dump_dir, f"marks-{os.getpid()}")
+        role, _leader = self.role()
+        marks = default_controller().watermarks if role != "follower" else None
+        if marks is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a follower now (after a failover): another one's count
+            return
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{marks.high} {marks.low}")
+        os.replace(path + ".tmp", path)
 
     def role(self) -> tuple[str, int]:
         """Where this worker's controller runs: (role, pid of its process)."""
@@ -297,9 +314,14 @@ def drive_pool(args: argparse.Namespace) -> int:
     zipf = Zipf(args.keys, args.zipf, seed=1)
     stop = threading.Event()
 
+    paused = threading.Event()
+
     def wait_for_stop() -> None:
         # The raw fd, not sys.stdin: a forked pool worker closes sys.stdin, which would wait
-        # forever for the buffer's lock held by this thread at the fork.
+        # forever for the buffer's lock held by this thread at the fork. A first byte pauses
+        # the load (the workers stay, for the probe), the next one ends the run.
+        os.read(0, 1)
+        paused.set()
         os.read(0, 1)
         stop.set()
 
@@ -317,9 +339,10 @@ def drive_pool(args: argparse.Namespace) -> int:
             totals[1] += result[1]
         room.release()
 
-    while not stop.is_set():
+    while not paused.is_set():
         room.acquire()
         pool.apply_async(_pool_task, (zipf.keys(32),), callback=done)
+    stop.wait()
     pool.close()
     pool.join()
     hits, misses = totals
@@ -368,18 +391,29 @@ def load_client(
 
 
 class Monitor:
-    """Reads the group (outside it): episodes above the high watermark and mean usage."""
+    """Reads the group (outside it): episodes above the high watermark and mean usage.
 
-    def __init__(self, path: str) -> None:
+    The watermarks are those of the controllers running in the group now, as the workers write
+    them (``marks-<pid>`` in the dump directory; the adaptive watermarks move): with several
+    (election off), the highest high and the highest low, so that an episode starts when the
+    first controller would act and what had to go is the least any of them would ask for.
+    Until one is written, the fixed rule's (``policy.watermarks``), which a controller starts on.
+    """
+
+    def __init__(self, path: str, dump_dir: str) -> None:
         from pyshrinker import policy
         from pyshrinker.cgroup import CgroupV1
         from pyshrinker.signals.v1 import UsageThreshold
 
         self.source = CgroupV1.open(path)
+        self.dump_dir = dump_dir
         limit = self.source.read().limit
         assert limit is not None
-        self.marks = policy.watermarks(limit, False)
-        self.threshold = UsageThreshold.register(path, self.marks.high)
+        self.limit = limit
+        fixed = policy.watermarks(limit, False)
+        self.high, self.low = fixed.high, fixed.low
+        # A wake-up at the fixed high (the lowest a controller starts on); read every 5 ms too.
+        self.threshold = UsageThreshold.register(path, fixed.high)
         self.readings: list[tuple[float, int, int]] = []
         self.episodes: list[tuple[float, int]] = []  # (start, highest working set)
         self.first_high: float | None = None
@@ -403,16 +437,29 @@ class Monitor:
             if self.window_end is not None and now > self.window_end:
                 continue
             self.readings.append((now, state.working_set, state.usage))
-            if state.working_set >= self.marks.high:
+            self._read_marks()
+            if state.working_set >= self.high:
                 if self.first_high is None:
                     self.first_high = now
                 if not above:
-                    self.episodes.append((now, state.working_set))
-                elif state.working_set > self.episodes[-1][1]:
-                    self.episodes[-1] = (self.episodes[-1][0], state.working_set)
+                    self.episodes.append((now, state.working_set - self.low))
+                elif state.working_set - self.low > self.episodes[-1][1]:
+                    self.episodes[-1] = (self.episodes[-1][0], state.working_set - self.low)
                 above = True
             else:
                 above = False
+
+    def _read_marks(self) -> None:
+        marks = []
+        for name in os.listdir(self.dump_dir):
+            if name.startswith("marks-") and not name.endswith(".tmp"):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(self.dump_dir, name)) as f:
+                        high, low = map(int, f.read().split())
+                    marks.append((high, low))
+        if marks:
+            self.high = max(high for high, _ in marks)
+            self.low = max(low for _, low in marks)
 
     def close(self) -> None:
         self._stop.set()
@@ -421,7 +468,7 @@ class Monitor:
         self.source.close()
 
     def figures(self, start: float, end: float) -> dict[str, Any]:
-        limit = self.marks.limit
+        limit = self.limit
         window = [r for r in self.readings if start <= r[0] <= end]
         # Time-weighted means: each reading holds until the next.
         ws = raw = span = 0.0
@@ -432,7 +479,7 @@ class Monitor:
         episodes = [e for e in self.episodes if start <= e[0] <= end]
         return {
             "episodes": len(episodes),
-            "had_to_go": sum(max(0, peak - self.marks.low) for _, peak in episodes),
+            "had_to_go": sum(max(0, above_low) for _, above_low in episodes),
             "mean_usage": ws / span / limit if span else float("nan"),
             "mean_usage_raw": raw / span / limit if span else float("nan"),
             "readings": len(window),
@@ -529,7 +576,7 @@ def run_one(
     monitor: Monitor | None = None
     status: dict[str, Any] | None = None
     try:
-        monitor = Monitor(group.path)
+        monitor = Monitor(group.path, dump_dir)
         common = ["--dump-dir", dump_dir, "--workers", str(processes), "--caches", str(caches)]
         if kind == "gunicorn":
             listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -571,14 +618,11 @@ def run_one(
         monitor.window_end = window_end
         time.sleep(max(0.0, window_end - time.monotonic()))
         loaded_for = time.monotonic() - started
-        if election and not baseline:
-            # While every worker still runs (the window is over: this process is not counted).
-            status = probe_in_group(group, env)
         if kind == "gunicorn":
             stop.set()
         else:
             assert proc.stdin is not None
-            proc.stdin.write("stop\n")
+            proc.stdin.write("p")  # pause: the pool's workers stay
             proc.stdin.flush()
         client_counts = {"hit": 0, "miss": 0, "error": 0}
         for client, recv in clients:
@@ -591,9 +635,19 @@ def run_one(
                 client.join()
         if clients:
             result["client_counts"] = client_counts
+        if election and not baseline:
+            # Once the load has stopped, while every worker still runs: a new Python process
+            # (some 20 MiB) started in a group held a few MiB under its limit was OOM-killed,
+            # or made the kernel kill a worker, in 3 of 5 runs when it probed under load.
+            if kind == "pool":
+                time.sleep(0.5)  # the batches queued when it paused
+            status = probe_in_group(group, env)
         if kind == "gunicorn":
             end_process(proc, group, 30)
         else:
+            assert proc.stdin is not None
+            proc.stdin.write("s")  # the end: the pool closes, its workers dump
+            proc.stdin.flush()
             try:
                 proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
