@@ -306,8 +306,9 @@ def _pool_task(keys: list[int]) -> tuple[int, int]:
 
 
 def drive_pool(args: argparse.Namespace) -> int:
-    """In the group: a Pool of ``--workers`` processes fed batches of Zipf keys until told to stop
-    (a line on stdin), then closed so every worker dumps its figures."""
+    """In the group: a Pool of ``--workers`` processes fed batches of Zipf keys until told to pause
+    (a first byte on stdin; the workers stay, for the probe), then, at a second byte, closed so
+    every worker dumps its figures."""
     faulthandler.register(STACKS_SIGNAL, all_threads=True)
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Value("i", 0)
@@ -415,7 +416,7 @@ class Monitor:
         # A wake-up at the fixed high (the lowest a controller starts on); read every 5 ms too.
         self.threshold = UsageThreshold.register(path, fixed.high)
         self.readings: list[tuple[float, int, int]] = []
-        self.episodes: list[tuple[float, int]] = []  # (start, highest working set)
+        self.episodes: list[tuple[float, int]] = []  # (start, most above the low watermark)
         self.first_high: float | None = None
         self.window_end: float | None = None
         self._stop = threading.Event()

@@ -143,9 +143,10 @@ def least_reaction(processes: int, cpus: int) -> float:
     workers of one 512 MiB group on 2 CPUs, growing at 100-200 MB/s, had a worker OOM-killed in
     each of 4 runs with the 0.1 s a single process is given (issue 12).
     """
-    if processes <= max(1, cpus):
+    cpus = max(1, cpus)
+    if processes <= cpus:
         return MIN_REACTION
-    return MIN_REACTION * math.ceil(processes / max(1, cpus))
+    return MIN_REACTION * math.ceil(processes / cpus)
 
 
 #: Headroom and band are whole multiples of this (at most): watermarks that move by less stay
