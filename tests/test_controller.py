@@ -467,32 +467,70 @@ class TestAdaptiveWatermarks:
         """Under TRUST_AFTER of measuring (a controller that just took over), the fixed rule's
         watermarks even after a round showed."""
         monkeypatch.setattr(policy, "TRUST_AFTER", 0.3)
-        c, _, _ = self.make(efds)
+        c, _, _ = self.make(efds, first_low=192)  # the fixed rule's band too
         assert c.watermarks == Watermarks.for_limit(256 * MiB)
         time.sleep(0.31)
         c.evaluate()
         assert c.watermarks == self.NARROW
 
-    def make(self, efds, **config):
-        """A controller whose first request showed: 250 MiB asks down to 192, which is read."""
+    def make(self, efds, first_low=223, **config):
+        """A controller whose first request showed: 250 MiB asks down to ``first_low`` MiB,
+        which is read. The first episode has the fixed rule's high watermark (224 MiB) and,
+        once growth was measured for TRUST_AFTER, the band that growth needs: nothing grew, the
+        least (1 MiB); before, the fixed rule's low watermark (192 MiB)."""
         memory = ScriptedMemory.with_limit(256 * MiB, 250 * MiB)
         c = Controller.create(memory, config=ControllerConfig(**config))
         fd = efds()
         c.register(fd, fd, MiB)
         c.report(fd, 100)  # before the first reading: not counted as growth
         c.evaluate()
-        assert read_counter(fd) == 250 - 192  # the fixed rule's: high 224, low 192 MiB
-        memory.set(192 * MiB)
+        assert read_counter(fd) == 250 - first_low
+        memory.set(first_low * MiB)
         c.evaluate()
         return c, memory, fd
 
+    def test_the_first_episode_asks_for_the_band_growth_needs(self, efds):
+        """Before a round showed, growth measured at 100 MB/s: the fixed rule's high watermark
+        (224 MiB) with a band of about 20 ms of that growth (2 MiB), not the fixed rule's 32."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 100 * MiB)
+        c = Controller.create(memory)
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.evaluate()
+        for ws in range(101, 141):
+            time.sleep(0.01)
+            memory.set(ws * MiB)
+            c.report(fd, 1)
+            c.evaluate()
+        marks = c.watermarks
+        assert marks is not None
+        assert marks.high == Watermarks.for_limit(256 * MiB).high
+        assert MiB <= marks.high - marks.low <= 4 * MiB  # 1 MiB if the sleeps ran late
+        memory.set(225 * MiB)
+        c.evaluate()
+        assert 2 <= read_counter(fd) <= 5  # down to the low watermark: 225 - (224 - band)
+
+    def test_with_two_processes_the_first_episode_keeps_the_fixed_band(self, efds):
+        """Shrinkers of two processes (keys (pid, efd), as the doors register them): who frees
+        is not known yet, and the first episode is the fixed rule's, band included."""
+        memory = ScriptedMemory.with_limit(256 * MiB, 100 * MiB)
+        c = Controller.create(memory)
+        mine, theirs = efds(), efds()
+        c.register((1, mine), mine, MiB)
+        c.register((2, theirs), theirs, MiB)
+        c.evaluate()
+        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        c.unregister((2, theirs))
+        c.evaluate()
+        assert c.watermarks == Watermarks(256 * MiB, 224 * MiB, 223 * MiB)
+
     def test_the_first_episode_keeps_the_most_headroom(self, efds):
-        """Before any request showed: the fixed rule's watermarks; after, 8 MiB under 256 MiB
-        (the least headroom, the least band): nothing grew."""
+        """Before any request showed: the fixed rule's headroom, with the least band (nothing
+        grew); after, 8 MiB under 256 MiB (the least headroom, the least band)."""
         memory = ScriptedMemory.with_limit(256 * MiB, 10 * MiB)
         c = Controller.create(memory)
         c.evaluate()
-        assert c.watermarks == Watermarks.for_limit(256 * MiB)
+        assert c.watermarks == Watermarks(256 * MiB, 224 * MiB, 223 * MiB)
         c, _, _ = self.make(efds)
         assert c.watermarks == self.NARROW
 

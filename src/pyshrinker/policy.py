@@ -206,6 +206,7 @@ def adaptive_watermarks(
     boost: float = 0.0,
     *,
     band_seconds: float = BAND_SECONDS,
+    band_rate: float | None = None,
     min_headroom: int | float | None = None,
     max_headroom: int | float | None = None,
 ) -> Watermarks:
@@ -220,7 +221,9 @@ def adaptive_watermarks(
     :func:`headroom_bounds`. The
     band (high - low) is what grows in ``band_seconds`` (:data:`BAND_SECONDS`), at least
     :data:`MIN_BAND` or :data:`MIN_BAND_FRACTION` of the limit, at most the most headroom.
-    Both are rounded up to :data:`WATERMARK_STEP`.
+    Both are rounded up to :data:`WATERMARK_STEP`. The band follows ``band_rate`` instead where
+    it is given: the controller's first episode keeps the most headroom (how late reclaim shows
+    is not known yet) but asks for no more than the growth measured needs.
 
     The reaction is taken as :data:`MIN_REACTION` at least. So a cache filling at 70 MB/s runs
     8 MiB under a 256 MiB limit with a band of 2 MiB; a thread allocating at 2.4 GB/s gets the
@@ -239,6 +242,8 @@ def adaptive_watermarks(
     )
     room = _stepped(wanted, least, most)
     band_least = min(most, max(MIN_BAND, int(limit * MIN_BAND_FRACTION)))
+    if band_rate is not None:
+        rate = max(0.0, band_rate) if band_rate == band_rate else math.inf
     band = _stepped(rate * max(0.0, band_seconds), band_least, most)
     return Watermarks(limit=limit, high=max(0, limit - room), low=max(0, limit - room - band))
 
