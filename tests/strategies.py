@@ -73,3 +73,11 @@ function_trap_actions = st.one_of(
 #: A trap for one operation of each (site, countdown, action), or none: half the operations.
 lru_traps = st.none() | st.tuples(trap_sites, trap_countdowns, lru_trap_actions)
 function_traps = st.none() | st.tuples(trap_sites, trap_countdowns, function_trap_actions)
+
+
+#: ``key value`` files as the kernel writes them (memory.stat, memory.events): distinct keys,
+#: some the suffix of another (``inactive_file`` and ``total_inactive_file``).
+_stat_keys = st.sampled_from(
+    ["cache", "rss", "inactive_file", "total_inactive_file", "hierarchical_memory_limit", "low"]
+)
+flat_keyed_files = st.dictionaries(_stat_keys, st.integers(0, 2**63 - 1), max_size=6)

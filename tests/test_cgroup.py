@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyshrinker.cgroup import (
     UNLIMITED_THRESHOLD,
@@ -36,12 +38,14 @@ from pyshrinker.cgroup import (
     parse_meminfo,
     parse_mountinfo,
     parse_proc_cgroup,
+    pick_keyed,
     v1_memory_available,
     v2_group_of,
     with_host_fallback,
 )
 from pyshrinker.errors import CgroupError, CgroupNotFound, MalformedFile, UnsupportedError
 
+from . import strategies
 from .conftest import need
 
 MiB = 1 << 20
@@ -247,6 +251,36 @@ class TestParseFlatKeyed:
         """Wrong field counts and non-numbers are MalformedFile naming the file."""
         with pytest.raises(MalformedFile, match=r"memory\.stat"):
             parse_flat_keyed(f"rss 4096\n{text}\n", "memory.stat")
+
+
+class TestPickKeyed:
+    """pick_keyed: the values of some keys only, as parse_flat_keyed would read them."""
+
+    def test_line_anchored(self) -> None:
+        """A key is never found as the tail of another (v1 has both of these)."""
+        text = "total_inactive_file 7\ninactive_file 3\n"
+        assert pick_keyed(text, ["inactive_file"]) == {"inactive_file": 3}
+        assert pick_keyed("total_inactive_file 7\n", ["inactive_file"]) == {}
+
+    def test_first_and_last_lines(self) -> None:
+        """Keys on the first line and on a last line without a newline are found."""
+        assert pick_keyed("cache 1\nrss 2", ["cache", "rss", "absent"]) == {"cache": 1, "rss": 2}
+
+    @pytest.mark.parametrize("line", ["cache one", "cache 1 2", "cache 1.5", "cache "])
+    def test_malformed(self, line: str) -> None:
+        """A bad value of a key asked for is MalformedFile naming the file."""
+        with pytest.raises(MalformedFile, match=r"memory\.stat"):
+            pick_keyed(f"rss 4096\n{line}\n", ["cache"], "memory.stat")
+
+    @given(
+        values=strategies.flat_keyed_files,
+        asked=st.lists(st.sampled_from(["cache", "inactive_file", "total_inactive_file", "x"])),
+    )
+    def test_agrees_with_parse_flat_keyed(self, values: dict[str, int], asked: list[str]) -> None:
+        """On well-formed text it gives what the full parse gives for the keys asked."""
+        text = "".join(f"{key} {value}\n" for key, value in values.items())
+        whole = parse_flat_keyed(text)
+        assert pick_keyed(text, asked) == {key: whole[key] for key in asked if key in whole}
 
 
 class TestParseLimit:

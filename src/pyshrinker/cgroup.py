@@ -31,7 +31,7 @@ import errno
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
@@ -189,6 +189,31 @@ def parse_flat_keyed(text: str, what: str = "file") -> dict[str, int]:
     return values
 
 
+def pick_keyed(text: str, keys: Iterable[str], what: str = "file") -> dict[str, int]:
+    """The values of ``keys`` among ``key value`` lines; keys absent are left out.
+
+    For the controller's hot reads: v1's ``memory.stat`` has some 40 lines, and parsing them all
+    (:func:`parse_flat_keyed`) took half of each evaluation, which a fast allocator makes
+    every 4 MiB. Only the lines asked for are checked.
+    """
+    values = {}
+    for key in keys:
+        head = key + " "
+        if text.startswith(head):
+            at = 0
+        else:
+            at = text.find("\n" + head) + 1  # the line's start, 0 if there is none
+            if at == 0:
+                continue
+        end = text.find("\n", at)
+        line = text[at:] if end < 0 else text[at:end]
+        try:
+            values[key] = int(line[len(head) :])
+        except ValueError:
+            raise MalformedFile(f"bad number in {what}: {line!r}") from None
+    return values
+
+
 def parse_limit(text: str, what: str = "limit") -> int | None:
     """Parse a limit file: ``max`` or a huge v1 value mean no limit (None)."""
     value = text.strip()
@@ -288,6 +313,10 @@ class KernelFile:
         """The file's ``key value`` lines."""
         return parse_flat_keyed(self.read_text(), self.path)
 
+    def read_values(self, keys: Iterable[str]) -> dict[str, int]:
+        """The values of ``keys`` among the file's ``key value`` lines (see :func:`pick_keyed`)."""
+        return pick_keyed(self.read_text(), keys, self.path)
+
     def close(self) -> None:
         """Close the fd; safe to call twice."""
         if self.fd >= 0:
@@ -339,6 +368,10 @@ class MemorySource:
         self.close()
 
 
+#: What a v1 reading needs of ``memory.stat``.
+_V1_STAT_KEYS = ("total_inactive_file", "hierarchical_memory_limit")
+
+
 @attrs.define(eq=False)
 class CgroupV1(MemorySource):
     """A cgroup v1 memory group, read through kept-open files."""
@@ -360,7 +393,7 @@ class CgroupV1(MemorySource):
 
     def read(self) -> MemoryState:
         usage = self.usage()
-        stat = self.stat()
+        stat = self._file("memory.stat").read_values(_V1_STAT_KEYS)
         try:
             inactive = stat["total_inactive_file"]
             limit_raw = stat["hierarchical_memory_limit"]
@@ -426,7 +459,8 @@ class CgroupV2(MemorySource):
 
     def _usage_of(self, directory: str) -> tuple[int, int]:
         usage = self._kept(directory, "memory.current").read_int()
-        inactive = self._kept(directory, "memory.stat").read_keyed().get("inactive_file", 0)
+        stat = self._kept(directory, "memory.stat").read_values(("inactive_file",))
+        inactive = stat.get("inactive_file", 0)
         return usage, max(0, usage - inactive)
 
     def limits(self) -> list[Limit]:
@@ -904,6 +938,7 @@ __all__ = [
     "parse_meminfo",
     "parse_mountinfo",
     "parse_proc_cgroup",
+    "pick_keyed",
     "steering_source_of",
     "v1_memory_available",
     "v2_group_of",

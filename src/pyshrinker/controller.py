@@ -223,6 +223,8 @@ class Controller:
     _distrusted: set[Hashable] = attrs.field(factory=set, alias="distrusted")
     _marks: policy.Watermarks | None = attrs.field(default=None, alias="marks")
     _thresholds: list[UsageThreshold] = attrs.field(factory=list, alias="thresholds")
+    #: The watermarks moved since the thresholds were armed (v1): the thread moves them.
+    _thresholds_stale: bool = attrs.field(default=False, alias="thresholds_stale")
     _wake_fd: int = attrs.field(default=-1, alias="wake_fd")
     _epoll: select.epoll | None = attrs.field(default=None, alias="epoll")
     _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
@@ -804,7 +806,7 @@ class Controller:
         return self.memory is not None and not self._thresholds
 
     def _rewatermark(self, state: MemoryState | None = None) -> None:
-        """(Re)compute watermarks from the limit; on v1 move the usage threshold with them."""
+        """(Re)compute watermarks from the limit; on v1 have the usage thresholds follow them."""
         if self.memory is None:
             return
         if state is None:
@@ -816,32 +818,80 @@ class Controller:
         if marks == self._marks:
             return
         self._marks = marks
-        if isinstance(self.memory, CgroupV1):
-            # Thresholds compare usage (page cache included) while the policy steers by the
-            # working set; usage >= working set, so they fire no later than needed. One at the
-            # high watermark starts an episode; one halfway to the limit wakes us at once if
-            # memory keeps growing while a request is in flight.
-            old = self._thresholds
-            self._thresholds = []
-            try:
-                for at in policy.usage_thresholds(marks):
-                    self._thresholds.append(UsageThreshold.register(self.memory.path, at))
-            except CgroupError as err:
-                # Registering writes cgroup.event_control: refused on a read-only cgroupfs.
-                for threshold in self._thresholds:
-                    threshold.close()
-                self._thresholds = []
-                self.unavailable["v1 usage thresholds"] = f"{err}: reading usage adaptively"
-            # The controller thread waits on them in its epoll set; reporting threads check
-            # their fds (_direct_check). New ones first, so there is no moment without.
-            for threshold in self._thresholds:
-                if self._epoll is not None:
-                    self._epoll.register(threshold.fileno(), threshold.events)
-            self._threshold_fds = tuple(t.fileno() for t in self._thresholds)
-            for threshold in old:
-                if self._epoll is not None:
-                    self._epoll.unregister(threshold.fileno())
+        if not isinstance(self.memory, CgroupV1):
+            return
+        self._thresholds_stale = True
+        if self._thread is None:
+            # Not running (start() arms them here, before the thread exists): nobody waits.
+            self._install_thresholds(self._register_thresholds(self.memory, marks))
+        elif threading.current_thread() is not self._thread:
+            # A reporting thread deciding at once: the controller thread moves them (see
+            # _move_thresholds), after the evaluation under way here.
+            eventfd_write(self._wake_fd, 1)
+
+    def _register_thresholds(
+        self, memory: CgroupV1, marks: policy.Watermarks
+    ) -> list[UsageThreshold]:
+        """New usage thresholds for ``marks`` (slow: see _move_thresholds); [] if refused.
+
+        Thresholds compare usage (page cache included) while the policy steers by the working
+        set; usage >= working set, so they fire no later than needed. One at the high watermark
+        starts an episode; one halfway to the limit wakes us at once if memory keeps growing
+        while a request is in flight.
+        """
+        new: list[UsageThreshold] = []
+        try:
+            for at in policy.usage_thresholds(marks):
+                new.append(UsageThreshold.register(memory.path, at))
+        except CgroupError as err:
+            # Registering writes cgroup.event_control: refused on a read-only cgroupfs.
+            for threshold in new:
                 threshold.close()
+            self.unavailable["v1 usage thresholds"] = f"{err}: reading usage adaptively"
+            return []
+        return new
+
+    def _install_thresholds(self, new: list[UsageThreshold]) -> None:
+        """Put ``new`` in place of the thresholds armed (called with the evaluation lock)."""
+        # The controller thread waits on them in its epoll set; reporting threads check their
+        # fds (_direct_check). New ones first, so there is no moment without.
+        old = self._thresholds
+        for threshold in new:
+            if self._epoll is not None:
+                self._epoll.register(threshold.fileno(), threshold.events)
+        self._thresholds = new
+        self._threshold_fds = tuple(t.fileno() for t in new)
+        for threshold in old:
+            if self._epoll is not None:
+                self._epoll.unregister(threshold.fileno())
+            threshold.close()
+
+    def _move_thresholds(self) -> None:
+        """Move the usage thresholds to the watermarks in force (on the controller thread).
+
+        Registering a threshold writes cgroup.event_control, and the kernel waits there for an
+        RCU grace period (mem_cgroup_usage_register_event calls synchronize_rcu, under the
+        group's thresholds mutex): 7-50 ms each, measured here. Done under no lock, so a
+        reporting thread deciding at once (_direct_check) never waits for it (the allocator
+        did, some 30 times a run, with the evaluation lock held); the old thresholds stay armed
+        meanwhile, and reporting threads read usage every ``recheck_bytes`` anyway.
+        """
+        with self._eval_lock:
+            self._thresholds_stale = False
+            memory, marks = self.memory, self._marks
+            if not isinstance(memory, CgroupV1) or marks is None or self._closed:
+                return
+            armed = tuple(t.threshold for t in self._thresholds)
+            if armed == policy.usage_thresholds(marks):
+                return
+        new = self._register_thresholds(memory, marks)
+        with self._eval_lock:
+            if self.memory is not memory or self._closed:
+                # Switched or closed meanwhile: a switch asked for a move of its own.
+                for threshold in new:
+                    threshold.close()
+                return
+            self._install_thresholds(new)
 
     def _marks_for(self, state: MemoryState) -> policy.Watermarks:
         assert state.limit is not None
@@ -1102,6 +1152,8 @@ class Controller:
                 # may switch the memory source, and with it the notifiers, meanwhile.
                 with self._eval_lock:
                     self._handle(events)
+                if self._thresholds_stale:
+                    self._move_thresholds()
             except Exception:
                 log.exception("controller evaluation failed; continuing")
                 time.sleep(self.config.escalate_after)
@@ -1109,15 +1161,22 @@ class Controller:
     def _handle(self, events: list[tuple[int, int]]) -> None:
         reason = "poll"
         level: Level | None = None
+        # A timed wake-up reads; so does any notifier. Not a wake-up fd alone (close, or the
+        # thresholds to move), nor a threshold a reporting thread already drained: it read
+        # right after (_direct_check), and this thread would only read the same again, taking
+        # the GIL from the thread that allocates (the allocator did twice per crossing).
+        read = not events
         for fd, _mask in events:
             if fd == self._wake_fd:
                 eventfd_drain(self._wake_fd)
                 continue
             threshold = next((t for t in self._thresholds if t.fileno() == fd), None)
             if threshold is not None:
-                threshold.consume()
-                reason = "usage threshold"
+                if threshold.consume():
+                    read = True
+                    reason = "usage threshold"
                 continue
+            read = True
             notifier = self._by_fd.get(fd)
             if notifier is None:
                 continue
@@ -1132,6 +1191,8 @@ class Controller:
             self.notify_level(level)
             if level >= Level.OOM:
                 self._boost_headroom()
+        if not read:
+            return
         try:
             self._evaluate(reason)
         except CgroupNotFound as err:
