@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from pyshrinker._syscalls import EventfdFlag, eventfd, eventfd_read
 from pyshrinker.cgroup import CgroupV1
 from pyshrinker.controller import Controller, ControllerConfig, parse_size
 from pyshrinker.policy import Watermarks
+from pyshrinker.signals.v1 import UsageThreshold
 
 from .helpers import ScriptedMemory, private_controller
 
@@ -712,6 +714,55 @@ class TestDirectEvaluation:
             assert collected == []
 
 
+class _DrainableThreshold:
+    """A stand-in for a usage threshold: an eventfd the test signals, drained by consume()."""
+
+    threshold = 0
+    events = select.POLLIN
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def consume(self) -> bool:
+        return read_counter(self.fd) > 0
+
+    def close(self) -> None:
+        """The fd is the efds fixture's to close."""
+
+
+class TestControllerThreadReads:
+    """When the controller thread reads memory after a wake-up."""
+
+    def test_a_drained_threshold_is_read_only_at_the_threads_pace(self, efds, monkeypatch):
+        """A threshold a reporting thread already drained (and read after) is not read again at
+        once; once episode_poll has passed since the thread's own reading it is, since only the
+        thread's readings escalate. A threshold still signalled is always read."""
+        evaluations: list[str] = []
+        monkeypatch.setattr(
+            Controller, "_evaluate", lambda self, reason, escalate=True: evaluations.append(reason)
+        )
+        c = Controller.create(ScriptedMemory.with_limit(256 * MiB))
+        fd = efds()
+        c._thresholds = [_DrainableThreshold(fd)]
+        event = [(fd, select.POLLIN)]
+        c._handle(event)  # the thread has not read yet
+        assert evaluations == ["poll"]
+        c._handle(event)  # drained, and the thread read a moment ago
+        assert evaluations == ["poll"]
+        os.write(fd, (1).to_bytes(8, "little"))
+        c._handle(event)  # signalled: read
+        assert evaluations == ["poll", "usage threshold"]
+        c._thread_read_at -= c.config.episode_poll
+        c._handle(event)  # drained, but the thread's own reading is episode_poll old
+        assert evaluations == ["poll", "usage threshold", "poll"]
+        c._handle([])  # a timed wake-up always reads
+        assert len(evaluations) == 4
+        c.close()
+
+
 class TestParseSize:
     """Sizes as people write them."""
 
@@ -757,6 +808,48 @@ class TestRealCgroup:
         finally:
             child.kill()
             child.wait()
+            c.close()
+
+    def test_thresholds_move_on_the_controller_thread(self, v1_group, efds, monkeypatch):
+        """A reporting thread that reads a new limit goes on at once: the controller thread
+        registers the thresholds for the new watermarks (each registration waits for an RCU
+        grace period in the kernel, 7-50 ms), and the old ones stay armed until then."""
+        group = v1_group(128 * MiB)
+        c = Controller.create(CgroupV1.open(group.path), config=ControllerConfig(headroom=16 * MiB))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        c.start()
+        release = threading.Event()
+        registered_by: list[threading.Thread] = []
+        real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
+
+        def held_register(cls, path, at):
+            registered_by.append(threading.current_thread())
+            release.wait(10)
+            return real_register(cls, path, at)
+
+        monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
+        try:
+            before = c.describe_signals()
+            group.write("memory.limit_in_bytes", str(96 * MiB))
+            c.report(fd, 4)  # recheck_bytes of growth: this thread reads at once
+            assert c.watermarks == Watermarks(limit=96 * MiB, high=80 * MiB, low=64 * MiB)
+            assert not release.is_set() and threading.current_thread() not in registered_by
+            assert c.describe_signals() == before  # the old thresholds, still armed
+            deadline = time.monotonic() + 10
+            while not registered_by and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert registered_by and all(t is c._thread for t in registered_by)
+            release.set()
+            wanted = [f"usage threshold at {at} bytes" for at in (80 * MiB, 88 * MiB)]
+            while time.monotonic() < deadline:
+                signals = " ".join(c.describe_signals())
+                if all(each in signals for each in wanted):
+                    break
+                time.sleep(0.01)
+            assert all(each in " ".join(c.describe_signals()) for each in wanted)
+        finally:
+            release.set()
             c.close()
 
     def test_removed_cgroup_while_listening(self, v1_group, efds, caplog):

@@ -225,6 +225,8 @@ class Controller:
     _thresholds: list[UsageThreshold] = attrs.field(factory=list, alias="thresholds")
     #: The watermarks moved since the thresholds were armed (v1): the thread moves them.
     _thresholds_stale: bool = attrs.field(default=False, alias="thresholds_stale")
+    #: When the controller thread last read memory (time.monotonic()).
+    _thread_read_at: float = attrs.field(default=0.0, alias="thread_read_at")
     _wake_fd: int = attrs.field(default=-1, alias="wake_fd")
     _epoll: select.epoll | None = attrs.field(default=None, alias="epoll")
     _thread: threading.Thread | None = attrs.field(default=None, alias="thread")
@@ -873,8 +875,8 @@ class Controller:
         RCU grace period (mem_cgroup_usage_register_event calls synchronize_rcu, under the
         group's thresholds mutex): 7-50 ms each, measured here. Done under no lock, so a
         reporting thread deciding at once (_direct_check) never waits for it (the allocator
-        did, some 30 times a run, with the evaluation lock held); the old thresholds stay armed
-        meanwhile, and reporting threads read usage every ``recheck_bytes`` anyway.
+        did, 26 registrations in a 4 GiB run, holding the evaluation lock); the old thresholds
+        stay armed meanwhile, and reporting threads read usage every ``recheck_bytes`` anyway.
         """
         with self._eval_lock:
             self._thresholds_stale = False
@@ -1161,10 +1163,12 @@ class Controller:
     def _handle(self, events: list[tuple[int, int]]) -> None:
         reason = "poll"
         level: Level | None = None
-        # A timed wake-up reads; so does any notifier. Not a wake-up fd alone (close, or the
-        # thresholds to move), nor a threshold a reporting thread already drained: it read
-        # right after (_direct_check), and this thread would only read the same again, taking
-        # the GIL from the thread that allocates (the allocator did twice per crossing).
+        # A timed wake-up reads; so does any notifier. A wake-up fd alone (close, or the
+        # thresholds to move), or a threshold a reporting thread already drained (it read right
+        # after, in _direct_check), reads only if this thread has not read for episode_poll:
+        # at once it would read the same again, taking the GIL from the thread that allocates
+        # (the allocator did so twice per crossing), but it must still read at its own pace,
+        # as only its readings escalate.
         read = not events
         for fd, _mask in events:
             if fd == self._wake_fd:
@@ -1191,8 +1195,10 @@ class Controller:
             self.notify_level(level)
             if level >= Level.OOM:
                 self._boost_headroom()
-        if not read:
+        now = time.monotonic()
+        if not read and now - self._thread_read_at < self.config.episode_poll:
             return
+        self._thread_read_at = now
         try:
             self._evaluate(reason)
         except CgroupNotFound as err:
