@@ -822,13 +822,14 @@ class Controller:
         self._marks = marks
         if not isinstance(self.memory, CgroupV1):
             return
-        self._thresholds_stale = True
         if self._thread is None:
             # Not running (start() arms them here, before the thread exists): nobody waits.
             self._install_thresholds(self._register_thresholds(self.memory, marks))
-        elif threading.current_thread() is not self._thread:
-            # A reporting thread deciding at once: the controller thread moves them (see
-            # _move_thresholds), after the evaluation under way here.
+            return
+        # The controller thread moves them (see _move_thresholds), after the evaluation under
+        # way here; a reporting thread deciding at once wakes it for that.
+        self._thresholds_stale = True
+        if threading.current_thread() is not self._thread:
             eventfd_write(self._wake_fd, 1)
 
     def _register_thresholds(
