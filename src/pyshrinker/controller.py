@@ -1229,12 +1229,7 @@ class Controller:
             notifier.close()
         self._notifiers.clear()
         self._by_fd.clear()
-        self._threshold_fds = ()
-        for threshold in self._thresholds:
-            if self._epoll is not None:
-                self._epoll.unregister(threshold.fileno())
-            threshold.close()
-        self._thresholds.clear()
+        self._install_thresholds([])
         self._marks = None
         self._last_state = None
         self._window = None  # the new group's working set is no growth of the old one's
