@@ -819,6 +819,7 @@ class TestRealCgroup:
         fd = efds()
         c.register(fd, fd, MiB)
         c.start()
+        before = c.describe_signals()  # once the thread has armed the first thresholds
         release = threading.Event()
         registered_by: list[threading.Thread] = []
         real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
@@ -830,7 +831,6 @@ class TestRealCgroup:
 
         monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
         try:
-            before = c.describe_signals()
             group.write("memory.limit_in_bytes", str(96 * MiB))
             c.report(fd, 4)  # recheck_bytes of growth: this thread reads at once
             assert c.watermarks == Watermarks(limit=96 * MiB, high=80 * MiB, low=64 * MiB)
@@ -848,6 +848,43 @@ class TestRealCgroup:
                     break
                 time.sleep(0.01)
             assert all(each in " ".join(c.describe_signals()) for each in wanted)
+        finally:
+            release.set()
+            c.close()
+
+    def test_start_leaves_arming_the_thresholds_to_the_thread(self, v1_group, efds, monkeypatch):
+        """start() (the application creating its first cache) does not wait for the kernel's
+        RCU grace periods: the controller thread registers the v1 usage thresholds, and
+        describe_signals() waits for it; reports go on meanwhile, checked by distance."""
+        group = v1_group(128 * MiB)
+        c = Controller.create(CgroupV1.open(group.path), config=ControllerConfig(headroom=16 * MiB))
+        fd = efds()
+        c.register(fd, fd, MiB)
+        release = threading.Event()
+        registered_by: list[threading.Thread] = []
+        real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
+
+        def held_register(cls, path, at):
+            registered_by.append(threading.current_thread())
+            release.wait(10)
+            return real_register(cls, path, at)
+
+        monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
+        try:
+            c.start()
+            assert not release.is_set() and threading.current_thread() not in registered_by
+            c.report(fd, 4)  # the reporting thread is not held either
+            assert c.count(fd) == 4
+            deadline = time.monotonic() + 10
+            while not registered_by and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert registered_by and all(t is c._thread for t in registered_by)
+            assert c._thresholds == []
+            release.set()
+            signals = " ".join(c.describe_signals())  # waits for the arming
+            for at in (112 * MiB, 120 * MiB):
+                assert f"usage threshold at {at} bytes" in signals
+            assert c.watermarks is not None and c.watermarks.high == 112 * MiB
         finally:
             release.set()
             c.close()

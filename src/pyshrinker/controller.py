@@ -83,6 +83,9 @@ def _cpus() -> int:
 
 _C = TypeVar("_C", bound="Controller")
 
+#: Seconds :meth:`Controller.describe_signals` waits at most for the thread's first arming.
+ARMING_WAIT = 5.0
+
 
 @attrs.frozen
 class ControllerConfig:
@@ -225,6 +228,8 @@ class Controller:
     _thresholds: list[UsageThreshold] = attrs.field(factory=list, alias="thresholds")
     #: The watermarks moved since the thresholds were armed (v1): the thread moves them.
     _thresholds_stale: bool = attrs.field(default=False, alias="thresholds_stale")
+    #: Set once the thread made its first attempt at arming the thresholds (see start).
+    _armed: threading.Event = attrs.field(factory=threading.Event, alias="armed")
     #: When the controller thread last read memory (time.monotonic()).
     _thread_read_at: float = attrs.field(default=0.0, alias="thread_read_at")
     _wake_fd: int = attrs.field(default=-1, alias="wake_fd")
@@ -420,15 +425,34 @@ class Controller:
         self._wake_fd = eventfd(0, EventfdFlag.CLOEXEC | EventfdFlag.NONBLOCK)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
+        # The thread exists before the watermarks, so v1 usage thresholds are armed by it (see
+        # _move_thresholds), not here: each registration waits for an RCU grace period in the
+        # kernel, 7-50 ms, and start() runs when the application creates its first cache.
+        # Until they are armed, reporting threads check by distance to the high watermark.
+        self._thread = threading.Thread(target=self._run, name="pyshrinker-controller", daemon=True)
         self._rewatermark()
         self._watch_notifiers()
-        log.info("pyshrinker controller watching: %s", "; ".join(self.describe_signals()))
-        self._thread = threading.Thread(target=self._run, name="pyshrinker-controller", daemon=True)
+        if not self._thresholds_stale:
+            self._armed.set()
+            self._log_watching()
         self._thread.start()
         return self
 
+    def _log_watching(self) -> None:
+        log.info("pyshrinker controller watching: %s", "; ".join(self._signal_lines()))
+
     def describe_signals(self) -> list[str]:
-        """One line per signal source in use, the memory source first."""
+        """One line per signal source in use, the memory source first.
+
+        Right after :meth:`start` it waits (a few ms, up to :data:`ARMING_WAIT` seconds) until
+        the controller thread has armed the v1 usage thresholds, so that they are listed.
+        """
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and not self._closed:
+            self._armed.wait(ARMING_WAIT)
+        return self._signal_lines()
+
+    def _signal_lines(self) -> list[str]:
         lines = []
         if isinstance(self.memory, UnlimitedGroup):
             lines.append(
@@ -449,6 +473,7 @@ class Controller:
             return
         self._closed = True
         self._stopping = True
+        self._armed.set()
         if self._thread is not None:
             eventfd_write(self._wake_fd, 1)
             if self._thread is not threading.current_thread():
@@ -485,6 +510,8 @@ class Controller:
         # Threads that do not exist in the child may have held these at fork: renew them.
         self._lock = threading.Lock()
         self._eval_lock = threading.Lock()
+        self._armed = threading.Event()
+        self._armed.set()
         self._closed = True
         self._thread = None
         self._close_fds()
@@ -823,7 +850,7 @@ class Controller:
         if not isinstance(self.memory, CgroupV1):
             return
         if self._thread is None:
-            # Not running (start() arms them here, before the thread exists): nobody waits.
+            # No thread (a controller never started): arm them here, nobody waits.
             self._install_thresholds(self._register_thresholds(self.memory, marks))
             return
         # The controller thread moves them (see _move_thresholds), after the evaluation under
@@ -879,22 +906,27 @@ class Controller:
         did, 26 registrations in a 4 GiB run, holding the evaluation lock); the old thresholds
         stay armed meanwhile, and reporting threads read usage every ``recheck_bytes`` anyway.
         """
-        with self._eval_lock:
-            self._thresholds_stale = False
-            memory, marks = self.memory, self._marks
-            if not isinstance(memory, CgroupV1) or marks is None or self._closed:
-                return
-            armed = tuple(t.threshold for t in self._thresholds)
-            if armed == policy.usage_thresholds(marks):
-                return
-        new = self._register_thresholds(memory, marks)
-        with self._eval_lock:
-            if self.memory is not memory or self._closed:
-                # Switched or closed meanwhile: a switch asked for a move of its own.
-                for threshold in new:
-                    threshold.close()
-                return
-            self._install_thresholds(new)
+        try:
+            with self._eval_lock:
+                self._thresholds_stale = False
+                memory, marks = self.memory, self._marks
+                if not isinstance(memory, CgroupV1) or marks is None or self._closed:
+                    return
+                armed = tuple(t.threshold for t in self._thresholds)
+                if armed == policy.usage_thresholds(marks):
+                    return
+            new = self._register_thresholds(memory, marks)
+            with self._eval_lock:
+                if self.memory is not memory or self._closed:
+                    # Switched or closed meanwhile: a switch asked for a move of its own.
+                    for threshold in new:
+                        threshold.close()
+                    return
+                self._install_thresholds(new)
+        finally:
+            if not self._armed.is_set():  # the first arming, after start()
+                self._armed.set()
+                self._log_watching()
 
     def _marks_for(self, state: MemoryState) -> policy.Watermarks:
         assert state.limit is not None
@@ -1248,7 +1280,7 @@ class Controller:
         self._arm_pressure_signals()
         if self._epoll is not None:
             self._watch_notifiers()
-        log.warning("now watching %s", "; ".join(self.describe_signals()))
+        log.warning("now watching %s", "; ".join(self._signal_lines()))
 
 
 def _level_of(notifier: Notifier) -> Level:
