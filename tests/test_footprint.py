@@ -171,3 +171,44 @@ class TestSwitchInterval:
         finally:
             _switch.listener_stopped()
         assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+class TestImport:
+    """The package imports its parts on first use: a program pays only for the ones it uses."""
+
+    def _fresh(self, code: str) -> str:
+        import subprocess
+
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout.strip()
+
+    def test_allocator_leaves_the_caches_out(self) -> None:
+        """``python -m pyshrinker.allocator`` imports neither the LRU caches nor cachetools."""
+        code = (
+            "import sys, pyshrinker.allocator\n"
+            "print(sorted(m for m in ('pyshrinker.lru', 'pyshrinker.ttl', 'cachetools',"
+            " 'pyshrinker.subscribers') if m in sys.modules))"
+        )
+        assert self._fresh(code) == "[]"
+
+    def test_every_public_name_resolves(self) -> None:
+        """Each name of ``__all__`` is there on first use, is its module's own object, and
+        ``from pyshrinker import *`` binds them all."""
+        code = (
+            "import importlib, pyshrinker\n"
+            "bad = [n for n, m in pyshrinker._MODULE_OF.items()"
+            " if getattr(pyshrinker, n) is not getattr(importlib.import_module(m), n)]\n"
+            "ns = {}\n"
+            "exec('from pyshrinker import *', ns)\n"
+            "missing = sorted(set(pyshrinker.__all__) - set(ns))\n"
+            "print(bad, missing, set(pyshrinker.__all__) <= set(dir(pyshrinker)))"
+        )
+        assert self._fresh(code) == "[] [] True"
+
+    def test_unknown_name(self) -> None:
+        import pyshrinker
+
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            pyshrinker.nope  # noqa: B018

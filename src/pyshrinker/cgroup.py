@@ -29,13 +29,15 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
+
+if TYPE_CHECKING:
+    import subprocess
 
 from pyshrinker.errors import (
     CgroupError,
@@ -779,6 +781,8 @@ class ManagedCgroup:
         A small shell joins the group and then execs the command, so nothing is charged
         elsewhere and no ``preexec_fn`` runs in a threaded parent.
         """
+        import subprocess  # here: a process that only reads its group need not import it
+
         procs = os.path.join(self.path, "cgroup.procs")
         shell = 'echo $$ > "$0" && exec "$@"'
         return subprocess.Popen(["/bin/sh", "-c", shell, procs, *argv], **popen_kwargs)
