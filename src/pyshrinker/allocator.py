@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trace = Trace(args.trace) if args.trace else None
     shrinker = None
-    if not args.no_shrinker:
-        controller = default_controller()
+    controller = None if args.no_shrinker else default_controller()
+    if controller is not None:
         if trace is not None:
             controller.add_request_hook(trace.request)
         shrinker = Shrinker.register(chunk_size, reclaim, name="two-thread-allocator")
@@ -186,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         trace.event("end")
 
     stats = shrinker.stats() if shrinker is not None else None
-    if shrinker is not None:
+    if controller is not None:
         # After the run: describe_signals() waits until the controller thread has armed its
         # v1 usage thresholds, which the allocation need not wait for.
-        signals = default_controller().describe_signals()
+        signals = controller.describe_signals()
         print("controller signals:", "; ".join(signals), file=sys.stderr)
+    if shrinker is not None:
         shrinker.close()
     result: dict[str, Any] = {
         "shrinker": shrinker is not None,
