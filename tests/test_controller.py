@@ -781,6 +781,22 @@ class TestParseSize:
             parse_size(text)
 
 
+def _hold_threshold_registrations(monkeypatch) -> tuple[threading.Event, list[threading.Thread]]:
+    """Make each v1 usage-threshold registration wait for the returned event (at most 10 s);
+    the list gets the thread of each registration."""
+    release = threading.Event()
+    registered_by: list[threading.Thread] = []
+    real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
+
+    def held_register(cls, path, at):
+        registered_by.append(threading.current_thread())
+        release.wait(10)
+        return real_register(cls, path, at)
+
+    monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
+    return release, registered_by
+
+
 class TestRealCgroup:
     """The controller on a real v1 group: thresholds drive requests; removal loses nothing."""
 
@@ -820,16 +836,7 @@ class TestRealCgroup:
         c.register(fd, fd, MiB)
         c.start()
         before = c.describe_signals()  # once the thread has armed the first thresholds
-        release = threading.Event()
-        registered_by: list[threading.Thread] = []
-        real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
-
-        def held_register(cls, path, at):
-            registered_by.append(threading.current_thread())
-            release.wait(10)
-            return real_register(cls, path, at)
-
-        monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
+        release, registered_by = _hold_threshold_registrations(monkeypatch)
         try:
             group.write("memory.limit_in_bytes", str(96 * MiB))
             c.report(fd, 4)  # recheck_bytes of growth: this thread reads at once
@@ -860,16 +867,7 @@ class TestRealCgroup:
         c = Controller.create(CgroupV1.open(group.path), config=ControllerConfig(headroom=16 * MiB))
         fd = efds()
         c.register(fd, fd, MiB)
-        release = threading.Event()
-        registered_by: list[threading.Thread] = []
-        real_register = UsageThreshold.register.__func__  # type: ignore[attr-defined]
-
-        def held_register(cls, path, at):
-            registered_by.append(threading.current_thread())
-            release.wait(10)
-            return real_register(cls, path, at)
-
-        monkeypatch.setattr(UsageThreshold, "register", classmethod(held_register))
+        release, registered_by = _hold_threshold_registrations(monkeypatch)
         try:
             c.start()
             assert not release.is_set() and threading.current_thread() not in registered_by
