@@ -207,6 +207,21 @@ class TestImport:
         )
         assert self._fresh(code) == "[] [] True"
 
+    def test_type_checkers_see_the_names(self, tmp_path) -> None:
+        """mypy sees the real imports, not the lazy ``__getattr__``: a typo is an error, and a
+        name has its class's type."""
+        api = pytest.importorskip("mypy.api", reason="mypy is in the dev extra")
+        code = tmp_path / "user.py"
+        code.write_text(
+            "import pyshrinker\nx = pyshrinker.ShrinkableLRu\ny: int = pyshrinker.ShrinkableLRU\n"
+        )
+        out, _, status = api.run(
+            [str(code), "--no-incremental", "--cache-dir", str(tmp_path / "cache")]
+        )
+        assert status == 1, out
+        assert 'has no attribute "ShrinkableLRu"' in out
+        assert 'expression has type "type[ShrinkableLRU' in out
+
     def test_unknown_name(self) -> None:
         import pyshrinker
 
