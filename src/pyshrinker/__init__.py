@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
 # The public names, by the module that defines them. They are imported on first use (PEP 562):
 # a program that imports one submodule (``python -m pyshrinker.allocator``, a worker that only
-# needs ChunkCache) does not pay for the rest - the LRU caches, cachetools, the TTL caches -
-# which otherwise take a quarter of the import time.
+# needs ChunkCache) does not pay for the rest - the LRU caches, cachetools, the TTL caches:
+# 3-4 ms of an import of about 80 ms, measured.
 _EXPORTS = {
     "pyshrinker.abi": ["Level"],
     "pyshrinker.cache": ["CacheStats", "ChunkCache"],
