@@ -9,6 +9,7 @@ one JSON line.
     python tests/footprint_worker.py fill-chunk-cache [--mib 2048]
     python tests/footprint_worker.py threshold {none,embedded,files,pinned}
     python tests/footprint_worker.py audit
+    python tests/footprint_worker.py imports
 """
 
 from __future__ import annotations
@@ -212,6 +213,30 @@ def audit() -> dict[str, Any]:
     }
 
 
+def imports() -> dict[str, Any]:
+    """What importing the allocator loads, then whether every public name resolves lazily."""
+    import importlib
+
+    import pyshrinker.allocator
+
+    unused = ("pyshrinker.lru", "pyshrinker.ttl", "cachetools", "pyshrinker.subscribers")
+    loaded_by_allocator = sorted(m for m in unused if m in sys.modules)
+    exports = pyshrinker._MODULE_OF
+    not_own = [
+        n
+        for n, m in exports.items()
+        if getattr(pyshrinker, n) is not getattr(importlib.import_module(m), n)
+    ]
+    namespace: dict[str, Any] = {}
+    exec("from pyshrinker import *", namespace)
+    return {
+        "loaded_by_allocator": loaded_by_allocator,
+        "not_own_object": not_own,
+        "missing_from_star": sorted(set(pyshrinker.__all__) - set(namespace)),
+        "all_in_dir": set(pyshrinker.__all__) <= set(dir(pyshrinker)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator = commands.add_parser("threshold")
     allocator.add_argument("mode", choices=["none", "embedded", "files", "pinned"])
     commands.add_parser("audit")
+    commands.add_parser("imports")
     args = parser.parse_args(argv)
     if args.command == "rss-after-reclaim":
         result = rss_after_reclaim(args.no_trim, args.mib)
@@ -230,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         result = fill_chunk_cache(args.mib)
     elif args.command == "threshold":
         result = threshold(args.mode)
+    elif args.command == "imports":
+        result = imports()
     else:
         result = audit()
     print(json.dumps(result), flush=True)

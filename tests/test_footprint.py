@@ -176,36 +176,17 @@ class TestSwitchInterval:
 class TestImport:
     """The package imports its parts on first use: a program pays only for the ones it uses."""
 
-    def _fresh(self, code: str) -> str:
-        import subprocess
-
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-        )
-        return done.stdout.strip()
-
     def test_allocator_leaves_the_caches_out(self) -> None:
         """``python -m pyshrinker.allocator`` imports neither the LRU caches nor cachetools."""
-        code = (
-            "import sys, pyshrinker.allocator\n"
-            "print(sorted(m for m in ('pyshrinker.lru', 'pyshrinker.ttl', 'cachetools',"
-            " 'pyshrinker.subscribers') if m in sys.modules))"
-        )
-        assert self._fresh(code) == "[]"
+        assert run_worker("imports")["loaded_by_allocator"] == []
 
     def test_every_public_name_resolves(self) -> None:
         """Each name of ``__all__`` is there on first use, is its module's own object, and
         ``from pyshrinker import *`` binds them all."""
-        code = (
-            "import importlib, pyshrinker\n"
-            "bad = [n for n, m in pyshrinker._MODULE_OF.items()"
-            " if getattr(pyshrinker, n) is not getattr(importlib.import_module(m), n)]\n"
-            "ns = {}\n"
-            "exec('from pyshrinker import *', ns)\n"
-            "missing = sorted(set(pyshrinker.__all__) - set(ns))\n"
-            "print(bad, missing, set(pyshrinker.__all__) <= set(dir(pyshrinker)))"
-        )
-        assert self._fresh(code) == "[] [] True"
+        found = run_worker("imports")
+        assert found["not_own_object"] == []
+        assert found["missing_from_star"] == []
+        assert found["all_in_dir"] is True
 
     def test_type_checkers_see_the_names(self, tmp_path) -> None:
         """mypy sees the real imports, not the lazy ``__getattr__``: a typo is an error, and a
