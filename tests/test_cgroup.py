@@ -769,13 +769,13 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 @pytest.fixture
 def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts; each is killed (by its Popen) and reaped afterwards."""
+    """Processes a test starts; each is killed (by its Popen), its pipes closed, and reaped."""
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        with proc:  # on leaving: closes the pipes, waits
+            if proc.poll() is None:
+                proc.kill()
 
 
 ALLOCATE_AND_WAIT = (

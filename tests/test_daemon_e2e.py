@@ -7,8 +7,9 @@ asks the shrinkers for memory as pressure comes. What must hold:
 
 * nobody is OOM-killed (``memory.oom_control`` says ``oom_kill 0``, every process exits 0);
 * the chunks asked of each process are in proportion to what it held divided by its cost:
-  for each episode the status file records the counts the daemon saw and what it asked, and the
-  bytes asked of each process over the run are within 20 % of its proportional share;
+  for each episode the status file records the counts the daemon saw, which processes it
+  distrusted (a sixteenth of the weight) and what it asked, and the bytes asked of each process
+  over the run are within 20 % of its proportional share;
 * the counts the daemon keeps are the processes' real holdings (within one report batch).
 
 Run with ``-s`` to see the figures.
@@ -27,6 +28,7 @@ from collections import defaultdict
 import pytest
 
 from pyshrinker.daemon import Status
+from pyshrinker.policy import DISTRUSTED_WEIGHT
 from pyshrinker.transport import CONTROLLER_DIR_ENV
 
 from .daemon_helpers import compile_c_client, running_daemons
@@ -82,7 +84,15 @@ def proportions(status: Status) -> tuple[dict[int, float], dict[int, float], int
     used = 0
     for episode in status.episodes:
         sizes = {(h.pid, h.efd): h.chunk_size for h in episode.holdings}
-        weights = {(h.pid, h.efd): h.count * h.chunk_size / h.cost for h in episode.holdings}
+        # The policy's weights: held bytes / cost, a sixteenth for a process that let a round of
+        # asks down this episode (its memory did not show as freed in time).
+        weights = {
+            (h.pid, h.efd): h.count
+            * h.chunk_size
+            / h.cost
+            * (DISTRUSTED_WEIGHT if h.distrusted else 1)
+            for h in episode.holdings
+        }
         total_weight = sum(weights.values())
         asked_bytes = sum(chunks * sizes[(pid, efd)] for pid, efd, chunks in episode.asked)
         if total_weight <= 0 or asked_bytes <= 0:

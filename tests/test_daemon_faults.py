@@ -196,9 +196,10 @@ class TestLyingClient:
             code = honest.wait(30)
         finally:
             files.close()
-            if honest is not None and honest.poll() is None:
-                honest.kill()
-                honest.wait()
+            if honest is not None:
+                with honest:  # on leaving: closes the pipes, waits
+                    if honest.poll() is None:
+                        honest.kill()
         oom_kills = group.read_keyed("memory.oom_control").get("oom_kill", 0)
         assert (code, oom_kills) == (0, 0), line
         figures = json.loads(line)
@@ -211,6 +212,19 @@ class TestLyingClient:
         # it refills at once) is not.
         assert status.daemon["distrusted"] == [os.getpid()]
         assert mine > 2 * lied_to
+
+        # The episode lines say whom each ask weighed a sixteenth: the liar, after its round.
+        def distrusted(pid: int, efd: int) -> list[bool]:
+            return [
+                h.distrusted
+                for e in status.episodes
+                for h in e.holdings
+                if (h.pid, h.efd) == (pid, efd)
+            ]
+
+        liar_marks = distrusted(os.getpid(), liar)
+        assert liar_marks[-1] and not liar_marks[0], liar_marks
+        assert not any(distrusted(figures["pid"], figures["efd"]))
 
 
 def rss(pid: int) -> int:
@@ -431,6 +445,7 @@ class TestWhatHeldUp:
             for client in clients:
                 client.kill()
             for client in clients:
-                client.wait()
+                with client:  # on leaving: closes its pipe, waits
+                    pass
         assert wait_for(lambda: daemon.status().daemon["registrations"] == 0, timeout=10)
         assert eventfds_of(daemon.pid) == before

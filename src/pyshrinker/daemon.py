@@ -288,6 +288,9 @@ class Holding:
     count: int
     chunk_size: int
     cost: float
+    #: Its process let a round of asks down this episode: it weighed a sixteenth
+    #: (:data:`pyshrinker.policy.DISTRUSTED_WEIGHT`).
+    distrusted: bool = False
 
 
 @attrs.frozen
@@ -335,10 +338,13 @@ class DaemonController(Controller):
         # Counts are read just before the shrink takes the lock; a report landing in between
         # moves them by a batch at most. Shrinkers holding nothing weigh nothing: not kept.
         before = self.shrinkers()
+        distrusted = set(self.distrusted())
         asked = super().shrink(nbytes, reason)
         if asked:
             holdings = tuple(
-                Holding(i.key, i.count, i.chunk_size, i.cost) for i in before if i.count > 0
+                Holding(i.key, i.count, i.chunk_size, i.cost, self._owner(i.key) in distrusted)
+                for i in before
+                if i.count > 0
             )
             episode = Episode(time.monotonic(), nbytes, reason, holdings, tuple(asked.items()))
             self._remember(episode)
@@ -752,7 +758,7 @@ class Registry(ClientRegistry):
                     "need": episode.need,
                     "reason": episode.reason,
                     "holdings": [
-                        [*pid_efd(h.key), h.count, h.chunk_size, h.cost]
+                        [*pid_efd(h.key), h.count, h.chunk_size, h.cost, h.distrusted]
                         for h in episode.holdings
                         if visible(h.key)
                     ],
@@ -823,6 +829,7 @@ class StatusHolding:
     count: int
     chunk_size: int
     cost: float
+    distrusted: bool = False
 
 
 @attrs.frozen
