@@ -1,7 +1,8 @@
-"""Small helpers the tests share: a scripted memory source and a private controller."""
+"""Small helpers the tests share: a scripted memory source, a private controller, reaping."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,3 +49,14 @@ def private_controller(
         yield controller, EmbeddedTransport(controller)
     finally:
         controller.close()
+
+
+def reap(proc: subprocess.Popen, timeout: float = 10) -> None:  # type: ignore[type-arg]
+    """End a child the test started (SIGKILL, by its Popen, if it still runs), wait for it and
+    close its pipes (left open, they are ResourceWarnings under a debug CPython)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

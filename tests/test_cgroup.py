@@ -47,6 +47,7 @@ from pyshrinker.errors import CgroupError, CgroupNotFound, MalformedFile, Unsupp
 
 from . import strategies
 from .conftest import need
+from .helpers import reap
 
 MiB = 1 << 20
 #: What v1 reads for "no limit" on 4 KiB pages (PAGE_COUNTER_MAX pages).
@@ -773,9 +774,7 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        with proc:  # on leaving: closes the pipes, waits
-            if proc.poll() is None:
-                proc.kill()
+        reap(proc)
 
 
 ALLOCATE_AND_WAIT = (

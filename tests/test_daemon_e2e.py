@@ -32,6 +32,7 @@ from pyshrinker.policy import DISTRUSTED_WEIGHT
 from pyshrinker.transport import CONTROLLER_DIR_ENV
 
 from .daemon_helpers import compile_c_client, running_daemons
+from .helpers import reap
 
 pytestmark = pytest.mark.kernel
 
@@ -142,9 +143,7 @@ class TestManyProcessesInOneGroup:
                 codes = {name: proc.wait(30) for name, proc in procs.items()}
             finally:
                 for proc in procs.values():
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
+                    reap(proc)
         oom = group.read_keyed("memory.oom_control")
         max_usage = group.read_int("memory.max_usage_in_bytes")
         pids = {name: figures[name][-1]["pid"] for name in procs}

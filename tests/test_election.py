@@ -7,7 +7,6 @@ import array
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pyshrinker.cgroup import ManagedCgroupV1
 from pyshrinker.controller import Controller
 from pyshrinker.errors import TransportPermissionError
 from pyshrinker.shared import SCOPE_ENV, Door, Link, meeting_point
+
+from .helpers import reap
 
 MiB = 1 << 20
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "election_worker.py")
@@ -71,20 +72,12 @@ class Worker:
         return answer
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # our own child, by pid
-        self._reap(None)
+        reap(self.proc)  # SIGKILL, our own child, by its Popen
 
     def exit(self) -> None:
         if self.proc.poll() is None:
             self.ask("exit")
-        self._reap(10)
-
-    def _reap(self, timeout: float | None) -> None:
-        self.proc.wait(timeout)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        reap(self.proc)
 
 
 @pytest.fixture

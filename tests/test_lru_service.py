@@ -18,6 +18,8 @@ import pytest
 
 from pyshrinker.cgroup import ManagedCgroup, ManagedCgroupV1, ManagedCgroupV2
 
+from .helpers import reap
+
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVICE = os.path.join(HERE, os.pardir, "examples", "lru_service.py")
@@ -129,8 +131,7 @@ def serve_past_the_limit(group: ManagedCgroup) -> tuple[dict, dict]:
         assert stats["entries"] < len(keys)
         return tally, stats
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        reap(proc, timeout=30)
 
 
 class TestLRUService:

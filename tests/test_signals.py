@@ -45,6 +45,7 @@ from pyshrinker.signals.v1 import (
 from pyshrinker.signals.v2 import MemoryEventsWatcher
 
 from .conftest import need
+from .helpers import reap
 
 MiB = 1 << 20
 CAP_SYS_RESOURCE = 24
@@ -81,9 +82,7 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        reap(proc)
 
 
 def spawn(
@@ -104,9 +103,7 @@ def spawn(
 
 def end(proc: subprocess.Popen[bytes]) -> None:
     """Kill a child we started and reap it."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+    reap(proc)
 
 
 #: Waits for a line on stdin, allocates (and touches) argv[1] MiB, says so, sleeps until killed.
