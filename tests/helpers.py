@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 
@@ -51,7 +52,7 @@ def private_controller(
         controller.close()
 
 
-def reap(proc: subprocess.Popen, timeout: float = 10) -> None:  # type: ignore[type-arg]
+def reap(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
     """End a child the test started (SIGKILL, by its Popen, if it still runs), wait for it and
     close its pipes (left open, they are ResourceWarnings under a debug CPython)."""
     if proc.poll() is None:

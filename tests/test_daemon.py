@@ -46,6 +46,7 @@ from .daemon_helpers import (
     shrinker_count,
     wait_for,
 )
+from .helpers import reap
 
 pytestmark = pytest.mark.kernel
 
@@ -663,22 +664,21 @@ class TestUnregister:
             "print(os.getpid(), flush=True)\n"
             "sys.stdin.read()\n"
         )
-        with subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-c", code, daemon.mount],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-        ) as child:  # on leaving: closes the pipes, waits
-            try:
-                pid = int(child.stdout.readline())
-                status = daemon.status()
-                assert len(status.shrinkers_of(pid)) == 3
-                assert eventfds_of(daemon.pid) == before + 4
-                child.stdin.close()
-                assert child.wait(10) == 0
-            finally:
-                if child.poll() is None:
-                    child.kill()
+        )
+        try:
+            pid = int(child.stdout.readline())
+            status = daemon.status()
+            assert len(status.shrinkers_of(pid)) == 3
+            assert eventfds_of(daemon.pid) == before + 4
+            child.stdin.close()
+            assert child.wait(10) == 0
+        finally:
+            reap(child)
         assert wait_for(lambda: daemon.status().shrinkers == ())
         status = daemon.status()
         assert status.levels == ()
@@ -696,14 +696,14 @@ class TestUnregister:
             "print(os.getpid(), flush=True)\n"
             "time.sleep(60)\n"
         )
-        with subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-c", code, daemon.mount], stdout=subprocess.PIPE, text=True
-        ) as child:  # on leaving: closes the pipe, waits
-            try:
-                pid = int(child.stdout.readline())
-                assert len(daemon.status().shrinkers_of(pid)) == 1
-            finally:
-                child.kill()
+        )
+        try:
+            pid = int(child.stdout.readline())
+            assert len(daemon.status().shrinkers_of(pid)) == 1
+        finally:
+            reap(child)
         assert wait_for(lambda: daemon.status().shrinkers == ())
 
 
@@ -860,23 +860,22 @@ class TestTransport:
             "sys.stdin.read()\n"
         )
         env = dict(os.environ, **{CONTROLLER_DIR_ENV: daemon.mount})
-        with subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
-        ) as child:  # on leaving: closes the pipes, waits
-            try:
-                pid_text, transport_name = child.stdout.readline().split()
-                assert transport_name == "DirectoryTransport"
-                (line,) = daemon.status().shrinkers_of(int(pid_text))
-                assert (line.chunk_size, line.cost, line.count) == (65536, 2.0, 40)
-                child.stdin.close()
-                assert child.wait(10) == 0
-            finally:
-                if child.poll() is None:
-                    child.kill()
+        )
+        try:
+            pid_text, transport_name = child.stdout.readline().split()
+            assert transport_name == "DirectoryTransport"
+            (line,) = daemon.status().shrinkers_of(int(pid_text))
+            assert (line.chunk_size, line.cost, line.count) == (65536, 2.0, 40)
+            child.stdin.close()
+            assert child.wait(10) == 0
+        finally:
+            reap(child)
 
     def test_chunk_cache_evicts_on_request(self, daemon):
         """A ChunkCache over FilesTransport gives back LRU entries when the daemon asks."""

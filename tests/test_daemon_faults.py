@@ -32,6 +32,7 @@ from .daemon_helpers import (
     shrinker_count,
     wait_for,
 )
+from .helpers import reap
 
 pytestmark = pytest.mark.kernel
 
@@ -197,9 +198,7 @@ class TestLyingClient:
         finally:
             files.close()
             if honest is not None:
-                with honest:  # on leaving: closes the pipes, waits
-                    if honest.poll() is None:
-                        honest.kill()
+                reap(honest)
         oom_kills = group.read_keyed("memory.oom_control").get("oom_kill", 0)
         assert (code, oom_kills) == (0, 0), line
         figures = json.loads(line)
@@ -443,9 +442,8 @@ class TestWhatHeldUp:
             assert len(daemon.status().shrinkers) == 24
         finally:
             for client in clients:
-                client.kill()
+                client.kill()  # all at once, then reaped
             for client in clients:
-                with client:  # on leaving: closes its pipe, waits
-                    pass
+                reap(client)
         assert wait_for(lambda: daemon.status().daemon["registrations"] == 0, timeout=10)
         assert eventfds_of(daemon.pid) == before

@@ -441,22 +441,17 @@ class TestAbiOverTheSocket:
             "s.sendmsg([b'mempressure.shrinker %d 9\\n' % e])\n"
             "print('registered', flush=True); time.sleep(60)\n"
         )
-        with subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
-        ) as child:  # on leaving: closes the pipe, waits
-            try:
-                assert child.stdout is not None and child.stdout.readline() == "registered\n"
-                wait_for(
-                    lambda: [i.count for i in controller.shrinkers()] == [9], what="the report"
-                )
-                assert served.followers() == [child.pid]
-                child.kill()  # SIGKILL, our own child
-                child.wait()
-                wait_for(lambda: controller.shrinkers() == [], what="the registration to go")
-                assert served.followers() == []
-            finally:
-                if child.poll() is None:
-                    child.kill()
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "registered\n"
+            wait_for(lambda: [i.count for i in controller.shrinkers()] == [9], what="the report")
+            assert served.followers() == [child.pid]
+            child.kill()  # SIGKILL, our own child
+            child.wait()
+            wait_for(lambda: controller.shrinkers() == [], what="the registration to go")
+            assert served.followers() == []
+        finally:
+            reap(child)
 
     def test_other_uid_refused_both_ways(self, door) -> None:
         """A process of another uid is refused at the door; and a follower refuses to join a

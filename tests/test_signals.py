@@ -101,11 +101,6 @@ def spawn(
     return proc
 
 
-def end(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a child we started and reap it."""
-    reap(proc)
-
-
 #: Waits for a line on stdin, allocates (and touches) argv[1] MiB, says so, sleeps until killed.
 ALLOCATE_ON_CUE = (
     "import sys, time\n"
@@ -207,7 +202,7 @@ class TestUsageThreshold:
             # Drained: nothing more until the next crossing.
             assert threshold.consume() is False
             assert wait_for(threshold.fileno(), select.POLLIN, timeout=0.2) == 0
-            end(proc)
+            reap(proc)
             assert wait_for(threshold.fileno(), select.POLLIN) & select.POLLIN
             assert threshold.consume() is True
             assert group.read_int("memory.usage_in_bytes") < 40 * MiB
@@ -609,7 +604,7 @@ class TestPsiTriggerKernel:
             assert wait_for(trigger.fileno(), select.POLLPRI, timeout=20) & select.POLLPRI
             assert trigger.consume() is True
             assert read_psi(path).some.total_us > 0
-            end(proc)
+            reap(proc)
         finally:
             trigger.close()
 
@@ -655,7 +650,7 @@ class TestProcessBudget:
             proc.stdin.flush()
             assert proc.stdout.readline() == b"allocated\n"
             assert budget.read().usage >= small + 28 * MiB
-        end(proc)
+        reap(proc)
 
     @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "1024", None])
     def test_bad_budget(self, bad: object) -> None:
